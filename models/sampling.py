@@ -1,0 +1,229 @@
+"""Batched sampling from the GPT: prefill, then one token per step over a static KV cache.
+
+Randomness: every image carries its own row of uniforms (one per cell), drawn from its
+request's generator, and a token is chosen by inverse CDF over the filtered distribution.
+So a seeded image gets the same tokens whatever it is batched with, and the reference
+sampler (one image, full re-forward, no cache) fed the same uniforms picks the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .gpt import GPT
+
+FREE = -1  # prefix value of a cell the sampler must choose
+
+
+@dataclass
+class SamplingBatch:
+    """Per-image settings, one row per image. Build with `make_batch`."""
+
+    class_ids: torch.Tensor  # (B,) int64 input ids (K + label, or the null class)
+    uniforms: torch.Tensor  # (B, T) float in [0, 1)
+    temperature: torch.Tensor  # (B,) > 0
+    top_k: torch.Tensor  # (B,) int64 in 1..K (K = off)
+    top_p: torch.Tensor  # (B,) in (0, 1] (1 = off)
+    cfg_scale: torch.Tensor  # (B,) guidance scale (1 = off)
+    prefix: torch.Tensor  # (B, T) int64 code or FREE
+
+    def __len__(self) -> int:
+        return self.class_ids.shape[0]
+
+    def to(self, device: torch.device) -> SamplingBatch:
+        return SamplingBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    @staticmethod
+    def cat(batches: list[SamplingBatch]) -> SamplingBatch:
+        return SamplingBatch(**{k: torch.cat([getattr(b, k) for b in batches])
+                                for k in SamplingBatch.__dataclass_fields__})
+
+    def rows(self, start: int, stop: int) -> SamplingBatch:
+        return SamplingBatch(**{k: v[start:stop] for k, v in self.__dict__.items()})
+
+
+def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = None,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+               cfg_scale: float = 1.0, prefix: list[int] | None = None,
+               generator: torch.Generator | None = None) -> SamplingBatch:
+    """Validate one request's settings and turn them into n rows. Raises ValueError."""
+    K = model_cfg.codebook_size
+    rows, cols = grid
+    T = rows * cols
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if top_k is not None and not (1 <= top_k <= K):
+        raise ValueError(f"top_k must lie in 1..{K}, got {top_k}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if not (cfg_scale == cfg_scale and abs(cfg_scale) < float("inf")):
+        raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+    if label is not None and not (0 <= label < model_cfg.n_classes):
+        raise ValueError(f"unknown class {label}: this model has classes 0..{model_cfg.n_classes - 1}")
+    if rows < model_cfg.grid[0] or cols < model_cfg.grid[1]:
+        raise ValueError(f"grid {list(grid)} is smaller than the training grid {list(model_cfg.grid)}")
+    pre = torch.full((T,), FREE, dtype=torch.int64)
+    if prefix:
+        if len(prefix) > T:
+            raise ValueError(f"prefix has {len(prefix)} tokens, longer than the grid's {T}")
+        p = torch.tensor(prefix, dtype=torch.int64)
+        if p.min() < 0 or p.max() >= K:
+            raise ValueError(f"prefix token ids must lie in [0, {K})")
+        pre[: len(prefix)] = p
+    return SamplingBatch(
+        class_ids=torch.full((n,), model_cfg.class_token(label), dtype=torch.int64),
+        uniforms=torch.rand(n, T, generator=generator),
+        temperature=torch.full((n,), float(temperature)),
+        top_k=torch.full((n,), K if top_k is None else int(top_k), dtype=torch.int64),
+        top_p=torch.full((n,), float(top_p)),
+        cfg_scale=torch.full((n,), float(cfg_scale)),
+        prefix=pre.expand(n, T).clone(),
+    )
+
+
+def guide(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(2B, K) logits (conditional rows first) -> (B, K) guided logits; scale 1 = conditional."""
+    cond, uncond = logits.chunk(2)
+    guided = uncond + scale[:, None] * (cond - uncond)
+    return torch.where(scale[:, None] == 1, cond, guided)
+
+
+def choose(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
+           top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Pick one code per row by inverse CDF of u over the temperature/top-k/top-p distribution."""
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each rank
+    keep = (rank[None] < top_k[:, None]) & ((before < top_p[:, None]) | (rank[None] == 0))
+    sorted_p = sorted_p * keep
+    cdf = sorted_p.cumsum(-1)
+    target = u[:, None] * cdf[:, -1:]
+    pick = (cdf <= target).sum(-1).clamp_(max=probs.shape[-1] - 1)
+    # never land on a filtered-out rank (float ties at the top of the cdf)
+    pick = torch.minimum(pick, keep.sum(-1) - 1)
+    return order.gather(-1, pick[:, None]).squeeze(-1)
+
+
+def _inputs(batch: SamplingBatch, guided: bool, null_id: int) -> torch.Tensor:
+    if not guided:
+        return batch.class_ids
+    return torch.cat([batch.class_ids, torch.full_like(batch.class_ids, null_id)])
+
+
+def _step_choice(logits: torch.Tensor, batch: SamplingBatch, t: int, guided: bool) -> torch.Tensor:
+    if guided:
+        logits = guide(logits, batch.cfg_scale)
+    picked = choose(logits, batch.uniforms[:, t], batch.temperature, batch.top_k, batch.top_p)
+    forced = batch.prefix[:, t]
+    return torch.where(forced >= 0, forced, picked)
+
+
+@torch.no_grad()
+def prefill(model: GPT, first: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Run the class token and any shared prefix through the cache; logits of the last one."""
+    logits, _ = model(first, input_pos=input_pos)
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    logits, _ = model(token[:, None], input_pos=pos)
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
+    """Batched sampling on the training grid -> codes (B, T). Uses the static KV cache."""
+    cfg = model.config
+    T = cfg.seq_len
+    if batch.prefix.shape[1] != T:
+        raise ValueError(f"this sampler runs the training grid ({T} cells); use generate_sliding")
+    dev = next(model.parameters()).device
+    batch = batch.to(dev)
+    guided = bool((batch.cfg_scale != 1).any())
+    B = len(batch)
+    rows = 2 * B if guided else B
+    model.setup_caches(rows)
+    out = torch.empty(B, T, dtype=torch.int64, device=dev)
+    # prefill: the class token plus the prefix cells every row shares
+    known = (batch.prefix >= 0).int().cumprod(1).sum(1)
+    m = int(known.min()) if T > 1 else 0
+    m = min(m, T - 1)
+    first = torch.cat([_inputs(batch, guided, cfg.null_class)[:, None],
+                       _dup(batch.prefix[:, :m], guided)], dim=1)
+    logits = prefill(model, first, torch.arange(m + 1, device=dev))
+    out[:, :m] = batch.prefix[:, :m]
+    out[:, m] = _step_choice(logits, batch, m, guided)
+    for t in range(m + 1, T):
+        logits = decode_one_token(model, _dup(out[:, t - 1], guided),
+                                  torch.tensor([t], device=dev))
+        out[:, t] = _step_choice(logits, batch, t, guided)
+    return out
+
+
+def _dup(x: torch.Tensor, guided: bool) -> torch.Tensor:
+    return torch.cat([x, x]) if guided else x
+
+
+@torch.no_grad()
+def generate_sliding(model: GPT, batch: SamplingBatch, grid: tuple[int, int]) -> torch.Tensor:
+    """Taming's high-resolution sampling on a grid at least as large as the training grid.
+
+    Each cell (i, j) is sampled from the training-size window that contains it, placed so
+    the cell sits at the window's centre, clamped at the canvas edges. No cache: every step
+    re-forwards the window's tokens before the cell (at most one training sequence).
+    """
+    cfg = model.config
+    h, w = cfg.grid
+    H, W = grid
+    dev = next(model.parameters()).device
+    batch = batch.to(dev)
+    guided = bool((batch.cfg_scale != 1).any())
+    model.clear_caches()
+    canvas = torch.zeros(len(batch), H, W, dtype=torch.int64, device=dev)
+    cls = _inputs(batch, guided, cfg.null_class)[:, None]
+    for i in range(H):
+        top = min(max(i - h // 2, 0), H - h)
+        for j in range(W):
+            left = min(max(j - w // 2, 0), W - w)
+            t_local = (i - top) * w + (j - left)
+            window = canvas[:, top: top + h, left: left + w].reshape(len(batch), -1)[:, :t_local]
+            logits, _ = model(torch.cat([cls, _dup(window, guided)], dim=1))
+            canvas[:, i, j] = _step_choice(logits[:, -1], batch, i * W + j, guided)
+    return canvas.view(len(batch), H * W)
+
+
+@torch.no_grad()
+def reference_generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
+    """The simple sampler the fast one must match: one image at a time, a full re-forward
+    of the whole prefix at every step, no cache."""
+    cfg = model.config
+    T = cfg.seq_len
+    model.clear_caches()
+    out = torch.empty(len(batch), T, dtype=torch.int64)
+    for b in range(len(batch)):
+        row = batch.rows(b, b + 1)
+        guided = bool(row.cfg_scale[0] != 1)
+        seq = _inputs(row, guided, cfg.null_class)[:, None]
+        for t in range(T):
+            logits, _ = model(seq)
+            tok = _step_choice(logits[:, -1], row, t, guided)
+            out[b, t] = tok[0]
+            seq = torch.cat([seq, _dup(tok[:, None], guided)], dim=1)
+    return out
+
+
+def sample(model: GPT, batch: SamplingBatch, grid: tuple[int, int]) -> torch.Tensor:
+    """Codes (B, rows*cols) for `grid`: the cached sampler on the training grid, the
+    sliding-window one on larger grids."""
+    if batch.prefix.shape[1] != grid[0] * grid[1]:
+        raise ValueError(f"batch was made for {batch.prefix.shape[1]} cells, grid {list(grid)} has "
+                         f"{grid[0] * grid[1]}")
+    if tuple(grid) == tuple(model.config.grid):
+        return generate(model, batch)
+    return generate_sliding(model, batch, grid)

