@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.vqvae import VQVAE, VQVAEConfig, VectorQuantizer
+from models.vqvae import VQVAE, VectorQuantizer, VQVAEConfig
 
 
 def small_cfg(**kw) -> VQVAEConfig:

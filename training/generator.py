@@ -1,3 +1,248 @@
-"""Placeholder replaced below."""
-def add_args(p): pass
-def add_eval_args(p): pass
+"""Train and evaluate the class-conditional transformer over a tokenizer's grids."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from models.checkpoint import gpt_from_config, load_bundle, read_config, save_gpt, write_config
+from models.gpt import GPT, GPTConfig
+from models.images import tile, to_uint8
+from models.sampling import SamplingBatch, make_batch, sample
+
+from .classifier import frechet_distance, load_or_train_classifier
+from .common import all_mean, batches, load_state, progress, save_state, seed_everything, setup_distributed
+from .data import load_dataset
+
+DEFAULT_SAMPLING = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_scale": 1.0}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="folder holding a trained vqvae")
+    p.add_argument("--run-dir", default=None, help="token cache, PNGs, resume state (default runs/NAME-gpt)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--window", default="4,7", help="rows,cols of the attention window (see models/gpt.py)")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="share of null-class rows (for guidance)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="default guidance written to config.json")
+    p.add_argument("--temperature", type=float, default=1.0, help="default temperature for config.json")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--samples", type=int, default=10000, help="images sampled for the domain FID")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--cfg-scale", type=float, default=None, help="override the shipped default")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-write", action="store_true", help="print only; leave config.json alone")
+    p.add_argument("--key", default="generator", help="name of the result inside evaluation")
+
+
+@torch.no_grad()
+def tokenize(vqvae, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    dev = next(vqvae.parameters()).device
+    out = [vqvae.encode(images[i: i + batch_size].to(dev).float() / 255.0).flatten(1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def cached_tokens(bundle, data, run_dir: Path) -> dict[str, torch.Tensor]:
+    """Tokenize the data set once; the cache is keyed by the tokenizer's digest."""
+    path = run_dir / f"tokens-{bundle.digest.split(':')[-1]}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    t = {"train_codes": tokenize(bundle.vqvae, data.train.images), "train_labels": data.train.labels,
+         "test_codes": tokenize(bundle.vqvae, data.test.images), "test_labels": data.test.labels}
+    save_file({k: v.contiguous() for k, v in t.items()}, str(path))
+    return t
+
+
+@torch.no_grad()
+def sample_images(bundle, gpt: GPT, labels: list[int | None], seed: int, batch_size: int = 500,
+                  **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one image per label (None = unconditional) -> (images uint8 (N,C,H,W), codes)."""
+    gpt.eval()
+    g = torch.Generator().manual_seed(seed)
+    grid = gpt.config.grid
+    imgs, codes = [], []
+    for i in range(0, len(labels), batch_size):
+        batch = SamplingBatch.cat([make_batch(gpt.config, 1, grid, label=lab, generator=g, **settings)
+                                   for lab in labels[i: i + batch_size]])
+        c = sample(gpt, batch, grid).view(-1, *grid)
+        x = bundle.vqvae.decode(c.to(next(bundle.vqvae.parameters()).device))
+        imgs.append((x.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+        codes.append(c.cpu())
+    return torch.cat(imgs), torch.cat(codes)
+
+
+def _save_class_rows(bundle, gpt: GPT, path: Path, per_class: int, seed: int, settings: dict) -> None:
+    n_classes = gpt.config.n_classes
+    labels = [c for c in range(n_classes) for _ in range(per_class)]
+    images, _ = sample_images(bundle, gpt, labels, seed, **settings)
+    Image.fromarray(tile(to_uint8(images.float() / 255), cols=per_class).squeeze(-1)).save(path)
+
+
+def train(args: argparse.Namespace) -> Path:
+    d, device = setup_distributed(args.device)
+    seed_everything(args.seed)
+    folder = Path(args.checkpoint)
+    bundle = load_bundle(folder, device=device)
+    data = load_dataset(bundle.config["dataset"])
+    run_dir = Path(args.run_dir or Path("runs") / f"{folder.name}-gpt")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        tokens = cached_tokens(bundle, data, run_dir)
+    if d.world > 1:
+        torch.distributed.barrier()
+        tokens = cached_tokens(bundle, data, run_dir)
+    codes, labels = tokens["train_codes"], tokens["train_labels"]
+    if args.limit:
+        codes, labels = codes[: args.limit], labels[: args.limit]
+    vq = bundle.vqvae.config
+    cfg = GPTConfig(codebook_size=vq.codebook_size, n_classes=len(data.classes), grid=vq.grid,
+                    window=tuple(int(w) for w in args.window.split(",")), n_layer=args.n_layer,
+                    n_head=args.n_head, d_model=args.d_model, dropout=args.dropout)
+    model = GPT(cfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "emb" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    steps_per_epoch = math.ceil(len(codes) // d.world / args.batch_size)
+    total = max(1, steps_per_epoch * args.epochs)
+    warm = min(200, total // 10 + 1)
+
+    def lr_factor(s: int) -> float:  # linear warm-up, cosine down to 10%
+        return min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    state_path = run_dir / "state.safetensors"
+    start_epoch = 0
+    if args.resume and state_path.is_file():
+        start_epoch = load_state(state_path, model, opt)["epoch"]
+        for _ in range(start_epoch * steps_per_epoch):
+            sched.step()
+        if d.main:
+            print(f"resumed from {state_path} at epoch {start_epoch}")
+    ddp = model
+    if d.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    g = torch.Generator().manual_seed(args.seed)
+    for _ in range(start_epoch):
+        torch.randperm(len(codes), generator=g)
+    settings = {"temperature": args.temperature, "cfg_scale": args.cfg_scale}
+    test_x = model.training_inputs(tokens["test_codes"][:2000],
+                                   tokens["test_labels"][:2000] + cfg.codebook_size)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        t0 = time.time()
+        bar = progress(batches(len(codes), args.batch_size, d, g), d.main,
+                       desc=f"epoch {epoch + 1}/{args.epochs}")
+        for idx in bar:
+            y = codes[idx].to(device)
+            cls = labels[idx].to(device) + cfg.codebook_size
+            drop = torch.rand(len(idx), device=device) < args.label_dropout
+            cls = torch.where(drop, torch.full_like(cls, cfg.null_class), cls)
+            _, loss = ddp(model.training_inputs(y, cls), targets=y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        train_loss = all_mean(loss.item(), d, device)
+        if d.main:
+            model.eval()
+            with torch.no_grad():
+                _, test_loss = model(test_x.to(device), targets=tokens["test_codes"][:2000].to(device))
+            save_state(state_path, model, opt, {"epoch": epoch + 1})
+            _save_class_rows(bundle, model, run_dir / f"samples_epoch{epoch + 1:03d}.png", 10,
+                             args.seed, settings)
+            save_gpt(folder, model, {
+                "sampling_defaults": dict(DEFAULT_SAMPLING, **settings),
+                "training": dict(read_config(folder).get("training", {}), transformer={
+                    "epochs": epoch + 1, "batch_size": args.batch_size, "lr": args.lr,
+                    "label_dropout": args.label_dropout, "seed": args.seed, "world_size": d.world,
+                    "train_sequences": len(codes), "device": str(device),
+                    "test_loss": round(float(test_loss), 4)})})
+            print(json.dumps({"epoch": epoch + 1, "train_loss": round(train_loss, 4),
+                              "test_loss": round(float(test_loss), 4),
+                              "seconds": round(time.time() - t0, 1)}), flush=True)
+    if d.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return folder
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Class accuracy of conditional samples and the domain FID against the test set."""
+    folder = Path(args.checkpoint)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    bundle = load_bundle(folder, device=device, require_gpt=True)
+    data = load_dataset(bundle.config["dataset"])
+    clf = load_or_train_classifier(folder, data, device=device, seed=args.seed)
+    settings = dict(bundle.config.get("sampling_defaults") or DEFAULT_SAMPLING)
+    if args.cfg_scale is not None:
+        settings["cfg_scale"] = args.cfg_scale
+    if args.temperature is not None:
+        settings["temperature"] = args.temperature
+    n_classes = bundle.gpt.config.n_classes
+    labels = [i % n_classes for i in range(args.samples)]
+    t0 = time.time()
+    images, _ = sample_images(bundle, bundle.gpt, labels, args.seed, args.batch_size, **settings)
+    sample_seconds = time.time() - t0
+    pred = clf.predict(images)
+    accuracy = float((pred == torch.tensor(labels)).float().mean())
+    test_feats = clf.features(data.test.images)
+    recon = tokenize_and_decode(bundle, data.test.images)
+    fid_samples = frechet_distance(clf.features(images), test_feats)
+    fid_recon = frechet_distance(clf.features(recon), test_feats)
+    result = {
+        "settings": {k: v for k, v in settings.items()},
+        "samples": len(images), "class_accuracy": round(accuracy, 4),
+        "classifier_test_accuracy": clf.test_accuracy,
+        "domain_fid_samples": round(fid_samples, 3),
+        "domain_fid_reconstructions": round(fid_recon, 3),
+        "fid_ratio": round(fid_samples / max(fid_recon, 1e-9), 3),
+        "sampling_images_per_s": round(len(images) / sample_seconds, 1),
+        "device": device,
+    }
+    if not args.no_write:
+        cfg = read_config(folder)
+        cfg.setdefault("evaluation", {})[args.key] = result
+        write_config(folder, cfg)
+    print(json.dumps(result))
+    return result
+
+
+@torch.no_grad()
+def tokenize_and_decode(bundle, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    dev = next(bundle.vqvae.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = bundle.vqvae.decode(bundle.vqvae.encode(images[i: i + batch_size].to(dev).float() / 255))
+        out.append((x.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+__all__ = ["train", "evaluate", "gpt_from_config"]

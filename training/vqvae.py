@@ -16,8 +16,7 @@ from models.checkpoint import load_bundle, read_config, save_vqvae, write_config
 from models.images import tile, to_uint8
 from models.vqvae import VQVAE, VQVAEConfig
 
-from .common import (all_mean, batches, load_state, progress, save_state, seed_everything,
-                     setup_distributed)
+from .common import all_mean, batches, load_state, progress, save_state, seed_everything, setup_distributed
 from .data import load_dataset
 
 

@@ -1,0 +1,125 @@
+"""The fast sampler against the reference sampler, and the sampler's contract."""
+
+import pytest
+import torch
+
+from models.gpt import GPT, GPTConfig
+from models.sampling import SamplingBatch, choose, generate, make_batch, reference_generate, sample
+
+
+def tiny(window=(2, 3), grid=(3, 4)) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(codebook_size=24, n_classes=4, grid=grid, window=window, n_layer=2,
+                    d_model=32, n_head=4, dropout=0.0)
+    m = GPT(cfg).eval()
+    # sharper logits than the random init, so top-k/top-p filters really bite
+    with torch.no_grad():
+        m.head.weight.mul_(40)
+    return m
+
+
+def mixed_batch(m: GPT, seed: int, sizes=(1, 2, 3)) -> SamplingBatch:
+    g = torch.Generator().manual_seed(seed)
+    cfg, grid = m.config, m.config.grid
+    settings = [dict(label=1), dict(label=None, top_k=3), dict(label=2, top_p=0.6, temperature=0.7),
+                dict(label=0, cfg_scale=2.5), dict(label=3, prefix=[5, 6, 7, 8, 9]),
+                dict(label=1, cfg_scale=1.5, top_k=5, top_p=0.9, prefix=[1, 2])]
+    parts = []
+    for i, n in enumerate(sizes):
+        parts.append(make_batch(cfg, n, grid, generator=g, **settings[(seed + i) % len(settings)]))
+    return SamplingBatch.cat(parts)
+
+
+@pytest.mark.parametrize("window", [(1, 1), (2, 3), (3, 7), (3, 9)])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_fast_sampler_equals_reference(window, seed):
+    m = tiny(window)
+    batch = mixed_batch(m, seed, sizes=(1, 3, 2))
+    assert torch.equal(generate(m, batch), reference_generate(m, batch))
+
+
+@pytest.mark.parametrize("batch_sizes", [(1,), (8,), (5, 11)])
+def test_equivalence_for_batch_sizes(batch_sizes):
+    m = tiny()
+    batch = mixed_batch(m, 3, sizes=batch_sizes)
+    assert torch.equal(generate(m, batch), reference_generate(m, batch))
+
+
+def test_seeded_rows_do_not_depend_on_batch_mates():
+    m = tiny()
+    cfg, grid = m.config, m.config.grid
+    alone = generate(m, make_batch(cfg, 1, grid, label=2, top_k=6, generator=torch.Generator().manual_seed(7)))
+    others = make_batch(cfg, 9, grid, label=None, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
+    mine = make_batch(cfg, 1, grid, label=2, top_k=6, generator=torch.Generator().manual_seed(7))
+    together = generate(m, SamplingBatch.cat([others, mine]))
+    assert torch.equal(together[-1:], alone)
+
+
+def test_guidance_scale_one_equals_conditional():
+    m = tiny()
+    cfg, grid = m.config, m.config.grid
+    plain = make_batch(cfg, 4, grid, label=1, generator=torch.Generator().manual_seed(3))
+    guided_mates = make_batch(cfg, 2, grid, label=0, cfg_scale=2.0, generator=torch.Generator().manual_seed(4))
+    out = generate(m, SamplingBatch.cat([plain, guided_mates]))  # batch doubled for guidance
+    assert torch.equal(out[:4], generate(m, plain))
+
+
+def test_top_k_one_is_greedy():
+    m = tiny()
+    cfg, grid = m.config, m.config.grid
+    out = generate(m, make_batch(cfg, 2, grid, label=1, top_k=1, generator=torch.Generator().manual_seed(0)))
+    seq = torch.tensor([[cfg.class_token(1)]])
+    for t in range(cfg.seq_len):
+        logits, _ = m(seq)
+        assert out[0, t] == logits[0, -1].argmax()
+        seq = torch.cat([seq, out[:1, t: t + 1]], 1)
+    assert torch.equal(out[0], out[1])
+
+
+def test_choose_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    one = torch.ones(1)
+    for u in torch.linspace(0, 0.999, 50):
+        assert choose(logits, u[None], one, torch.tensor([2]), one) in (0, 1)
+        assert choose(logits, u[None], one, torch.tensor([4]), torch.tensor([0.6])) in (0, 1)
+        assert choose(logits, u[None], one, torch.tensor([4]), torch.tensor([0.5])) == 0
+    # inverse CDF: u=0.6 lands on index 1 of the unfiltered distribution
+    assert choose(logits, torch.tensor([0.6]), one, torch.tensor([4]), one) == 1
+
+
+def test_seeds_reproducible():
+    m = tiny()
+    cfg, grid = m.config, m.config.grid
+    a = generate(m, make_batch(cfg, 3, grid, generator=torch.Generator().manual_seed(11)))
+    b = generate(m, make_batch(cfg, 3, grid, generator=torch.Generator().manual_seed(11)))
+    c = generate(m, make_batch(cfg, 3, grid, generator=torch.Generator().manual_seed(12)))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_prefix_kept_verbatim_and_larger_grid_samples():
+    m = tiny(grid=(3, 4))
+    cfg = m.config
+    prefix = [3, 1, 4, 1, 5, 9, 2]
+    out = sample(m, make_batch(cfg, 2, (3, 4), prefix=prefix, generator=torch.Generator().manual_seed(0)), (3, 4))
+    assert out[:, :7].tolist() == [prefix, prefix]
+    big = sample(m, make_batch(cfg, 2, (5, 9), label=1, prefix=prefix, generator=torch.Generator().manual_seed(0)),
+                 (5, 9))
+    assert big.shape == (2, 45) and big[:, :7].tolist() == [prefix, prefix]
+    assert big.min() >= 0 and big.max() < cfg.codebook_size
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
+    (dict(top_k=25), "top_k"), (dict(label=4), "unknown class"), (dict(label=-1), "unknown class"),
+    (dict(prefix=list(range(13))), "longer than the grid"), (dict(prefix=[24]), "ids"),
+    (dict(prefix=[-2]), "ids"), (dict(n=0), "n must"), (dict(grid=(2, 4)), "smaller than"),
+    (dict(temperature=float("nan")), "temperature"), (dict(cfg_scale=float("inf")), "cfg_scale"),
+])
+def test_bad_arguments_raise_clear_errors(kw, match):
+    m = tiny()
+    args = dict(n=1, grid=m.config.grid)
+    args.update(kw)
+    n, grid = args.pop("n"), args.pop("grid")
+    with pytest.raises(ValueError, match=match):
+        make_batch(m.config, n, grid, **args)
