@@ -7,6 +7,10 @@ from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingBatch, choose, generate, make_batch, reference_generate, sample
 
 
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def tiny(window=(2, 3), grid=(3, 4)) -> GPT:
     torch.manual_seed(0)
     cfg = GPTConfig(codebook_size=24, n_classes=4, grid=grid, window=window, n_layer=2,
@@ -19,7 +23,7 @@ def tiny(window=(2, 3), grid=(3, 4)) -> GPT:
 
 
 def mixed_batch(m: GPT, seed: int, sizes=(1, 2, 3)) -> SamplingBatch:
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     cfg, grid = m.config, m.config.grid
     settings = [dict(label=1), dict(label=None, top_k=3), dict(label=2, top_p=0.6, temperature=0.7),
                 dict(label=0, cfg_scale=2.5), dict(label=3, prefix=[5, 6, 7, 8, 9]),
@@ -48,9 +52,9 @@ def test_equivalence_for_batch_sizes(batch_sizes):
 def test_seeded_rows_do_not_depend_on_batch_mates():
     m = tiny()
     cfg, grid = m.config, m.config.grid
-    alone = generate(m, make_batch(cfg, 1, grid, label=2, top_k=6, generator=torch.Generator().manual_seed(7)))
-    others = make_batch(cfg, 9, grid, label=None, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
-    mine = make_batch(cfg, 1, grid, label=2, top_k=6, generator=torch.Generator().manual_seed(7))
+    alone = generate(m, make_batch(cfg, 1, grid, label=2, top_k=6, generator=gen(7)))
+    others = make_batch(cfg, 9, grid, label=None, cfg_scale=3.0, generator=gen(1))
+    mine = make_batch(cfg, 1, grid, label=2, top_k=6, generator=gen(7))
     together = generate(m, SamplingBatch.cat([others, mine]))
     assert torch.equal(together[-1:], alone)
 
@@ -58,8 +62,8 @@ def test_seeded_rows_do_not_depend_on_batch_mates():
 def test_guidance_scale_one_equals_conditional():
     m = tiny()
     cfg, grid = m.config, m.config.grid
-    plain = make_batch(cfg, 4, grid, label=1, generator=torch.Generator().manual_seed(3))
-    guided_mates = make_batch(cfg, 2, grid, label=0, cfg_scale=2.0, generator=torch.Generator().manual_seed(4))
+    plain = make_batch(cfg, 4, grid, label=1, generator=gen(3))
+    guided_mates = make_batch(cfg, 2, grid, label=0, cfg_scale=2.0, generator=gen(4))
     out = generate(m, SamplingBatch.cat([plain, guided_mates]))  # batch doubled for guidance
     assert torch.equal(out[:4], generate(m, plain))
 
@@ -67,7 +71,7 @@ def test_guidance_scale_one_equals_conditional():
 def test_top_k_one_is_greedy():
     m = tiny()
     cfg, grid = m.config, m.config.grid
-    out = generate(m, make_batch(cfg, 2, grid, label=1, top_k=1, generator=torch.Generator().manual_seed(0)))
+    out = generate(m, make_batch(cfg, 2, grid, label=1, top_k=1, generator=gen(0)))
     seq = torch.tensor([[cfg.class_token(1)]])
     for t in range(cfg.seq_len):
         logits, _ = m(seq)
@@ -90,9 +94,9 @@ def test_choose_filters():
 def test_seeds_reproducible():
     m = tiny()
     cfg, grid = m.config, m.config.grid
-    a = generate(m, make_batch(cfg, 3, grid, generator=torch.Generator().manual_seed(11)))
-    b = generate(m, make_batch(cfg, 3, grid, generator=torch.Generator().manual_seed(11)))
-    c = generate(m, make_batch(cfg, 3, grid, generator=torch.Generator().manual_seed(12)))
+    a = generate(m, make_batch(cfg, 3, grid, generator=gen(11)))
+    b = generate(m, make_batch(cfg, 3, grid, generator=gen(11)))
+    c = generate(m, make_batch(cfg, 3, grid, generator=gen(12)))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -100,9 +104,9 @@ def test_prefix_kept_verbatim_and_larger_grid_samples():
     m = tiny(grid=(3, 4))
     cfg = m.config
     prefix = [3, 1, 4, 1, 5, 9, 2]
-    out = sample(m, make_batch(cfg, 2, (3, 4), prefix=prefix, generator=torch.Generator().manual_seed(0)), (3, 4))
+    out = sample(m, make_batch(cfg, 2, (3, 4), prefix=prefix, generator=gen(0)), (3, 4))
     assert out[:, :7].tolist() == [prefix, prefix]
-    big = sample(m, make_batch(cfg, 2, (5, 9), label=1, prefix=prefix, generator=torch.Generator().manual_seed(0)),
+    big = sample(m, make_batch(cfg, 2, (5, 9), label=1, prefix=prefix, generator=gen(0)),
                  (5, 9))
     assert big.shape == (2, 45) and big[:, :7].tolist() == [prefix, prefix]
     assert big.min() >= 0 and big.max() < cfg.codebook_size
