@@ -94,19 +94,23 @@ def guide(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def choose(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
            top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Pick one code per row by inverse CDF of u over the temperature/top-k/top-p distribution."""
+    """Pick one code per row by inverse CDF of u, in code-index order, over the
+    temperature/top-k/top-p distribution. The order never depends on the other rows, so a
+    row's choice is the same in any batch."""
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each rank
-    keep = (rank[None] < top_k[:, None]) & ((before < top_p[:, None]) | (rank[None] == 0))
-    sorted_p = sorted_p * keep
-    cdf = sorted_p.cumsum(-1)
-    target = u[:, None] * cdf[:, -1:]
-    pick = (cdf <= target).sum(-1).clamp_(max=probs.shape[-1] - 1)
-    # never land on a filtered-out rank (float ties at the top of the cdf)
-    pick = torch.minimum(pick, keep.sum(-1) - 1)
-    return order.gather(-1, pick[:, None]).squeeze(-1)
+    K = probs.shape[-1]
+    if bool((top_k < K).any() or (top_p < 1).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(K, device=probs.device)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each rank
+        keep_sorted = (rank[None] < top_k[:, None]) & ((before < top_p[:, None]) | (rank[None] == 0))
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        probs = probs * keep
+    cdf = probs.cumsum(-1)
+    pick = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1)
+    # rounding can push u*total to the very end: fall back to the last code with mass
+    last = K - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(pick, last)
 
 
 def _inputs(batch: SamplingBatch, guided: bool, null_id: int) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""`python -m service`: load every checkpoint, then serve on HOST:PORT with uvicorn (one process).
+
+A checkpoint that cannot be served stops start-up with a one-line reason and exit code 2.
+SIGTERM (or Ctrl-C) drains: /readyz turns 503, new inference requests get 503, in-flight and
+queued ones finish, then the process exits 0. A second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import uvicorn
+from pydantic import ValidationError
+
+from models.checkpoint import CheckpointError
+
+from . import logs
+from .app import create_app
+from .registry import load_models
+from .settings import Settings
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a drain step on the first signal and exit code 0 after it."""
+
+    def __init__(self, config: uvicorn.Config, on_drain, grace_s: float = 0.0) -> None:
+        super().__init__(config)
+        self.on_drain = on_drain
+        self.grace_s = grace_s
+        self._exit_at: float | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._exit_at is not None or self.should_exit:
+            self.should_exit = self.force_exit = True  # second signal: stop now
+            return
+        self.on_drain()
+        self._exit_at = time.monotonic() + self.grace_s
+        if self.grace_s <= 0:
+            self.should_exit = True
+        # not recorded in _captured_signals: uvicorn would re-raise it and exit with 143
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        name = name if name.isupper() else "TAMING_" + name.upper()
+        print(f"error: bad setting {name}: {first['msg']}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        loaded = load_models(settings)
+    except CheckpointError as e:
+        print(f"error: cannot serve: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings, models=loaded)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(), access_log=False,
+                            timeout_graceful_shutdown=settings.drain_timeout_s, lifespan="on")
+    server = DrainingServer(config, app.state.service.begin_drain, settings.shutdown_grace_s)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The app factory: `create_app(settings)` wires routers, errors, middleware and the lifespan.
+
+The lifespan loads and validates every checkpoint (unless the caller already did), warms each
+model up on the device thread, starts the batching engine, and on exit drains it: every
+queued request is answered before the worker stops.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from . import __version__, errors, logs
+from .middleware import RequestMiddleware
+from .registry import ModelEntry
+from .routers import decode, encode, generate, health
+from .routers import models as models_router
+from .settings import Settings, get_settings
+from .state import Service
+
+DESCRIPTION = """
+Taming Transformers as a service: a VQ-VAE tokenizer and a class-conditional transformer with
+sliding-window attention, behind dynamic batching.
+
+* `POST /generate` samples images (PNG by default; JSON with tokens under
+  `Accept: application/json`).
+* `POST /encode` turns images into token grids; `POST /decode` turns grids back into images.
+* Every error is `{"error": {"code": ..., "message": ...}}`.
+"""
+
+
+def create_app(settings: Settings | None = None,
+               models: dict[str, ModelEntry] | None = None) -> FastAPI:
+    """Build the app. `models` lets a caller pass checkpoints it already loaded."""
+    settings = settings or get_settings()
+    logs.configure(settings.log_level)
+    svc = Service(settings, models)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await svc.start()
+        try:
+            yield
+        finally:
+            await svc.stop()
+
+    app = FastAPI(title="Taming Transformers server", version=__version__,
+                  description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = svc
+    errors.install(app)
+    for r in (generate.router, encode.router, decode.router, models_router.router,
+              health.router):
+        app.include_router(r)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "Accept",
+                                          "X-Request-ID"],
+                           expose_headers=["X-Seed", "X-Model", "X-Request-ID"])
+    app.add_middleware(RequestMiddleware, metrics=svc.metrics,
+                       max_body_bytes=settings.max_body_bytes, arrivals=svc.arrivals)
+    return app

@@ -1,0 +1,158 @@
+"""Image bytes in and out. Runs on the I/O thread pool, never on the event loop.
+
+Upload policy (POST /encode), applied in this order:
+1. Formats: PNG, JPEG and WebP, recognised from the bytes (anything else: 415).
+2. Size: width x height is read from the header, before any pixel is decoded; past
+   TAMING_MAX_IMAGE_PIXELS the image is refused with 413 (decompression bombs).
+3. Animated images (APNG, animated WebP) are refused with 422, not silently cut to one frame.
+4. Truncated or corrupt data (bad CRC, cut-off file): 422.
+5. EXIF orientation is applied.
+6. Colour: transparency is composited onto black, the background of the training images
+   (MNIST and Fashion-MNIST draw light objects on black); 16-bit images are scaled to 8 bits;
+   then the image is converted to the model's channels (1: luma "L", 3: "RGB").
+7. Size: an image of another shape is padded with black to the model's aspect ratio (centred,
+   nothing is cropped), then resized to the model's image size with Lanczos filtering.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.images import png_bytes, tile
+
+from .errors import ServiceError
+
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+MEDIA_TYPES = frozenset(FORMATS.values()) | {"image/jpg"}
+
+# our own pixel limit is checked first; PIL's warning for huge headers is noise then
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _too_large(w: int, h: int, limit: int) -> ServiceError:
+    return ServiceError(413, "image_too_large",
+                        f"image of {w}x{h} = {w * h} pixels exceeds the limit of {limit} pixels")
+
+
+def open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open from the header only, check format, pixel count and frames, then decode."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ServiceError(413, "image_too_large", str(e)) from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ServiceError(422, "invalid_image", "the bytes are not a readable image") from e
+    if im.format not in FORMATS:
+        raise ServiceError(415, "unsupported_media_type",
+                           f"{im.format} images are not supported; send PNG, JPEG or WebP")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise _too_large(w, h, max_pixels)
+    if w < 1 or h < 1:
+        raise ServiceError(422, "invalid_image", f"image of {w}x{h} pixels is empty")
+    if getattr(im, "n_frames", 1) > 1:
+        raise ServiceError(422, "animated_image",
+                           "animated images are not supported; send a single frame")
+    try:
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise ServiceError(413, "image_too_large", str(e)) from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ServiceError(422, "invalid_image", f"truncated or corrupt {im.format} image") from e
+    return im
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float32)
+        scale = 257.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+        return Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        a = np.asarray(im)
+        return Image.fromarray(np.clip(np.nan_to_num(a) + 0.5, 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def convert(im: Image.Image, channels: int) -> Image.Image:
+    """Any mode -> "L" or "RGB", alpha composited onto black."""
+    im = _to_8bit(im)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (
+            im.mode in ("L", "RGB") and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)  # over black
+        im = Image.fromarray((rgb + 0.5).astype(np.uint8), "RGB")
+    if im.mode not in ("L", "RGB"):
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, 1
+    target = "L" if channels == 1 else "RGB"
+    return im if im.mode == target else im.convert(target)
+
+
+def fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Pad with black to the target aspect ratio (centred), then resize to (H, W)."""
+    H, W = size
+    w, h = im.size
+    if (w, h) == (W, H):
+        return im
+    # smallest canvas with the target aspect that holds the image
+    cw, ch = max(w, round(h * W / H)), max(h, round(w * H / W))
+    if (cw, ch) != (w, h):
+        canvas = Image.new(im.mode, (cw, ch), 0)
+        canvas.paste(im, ((cw - w) // 2, (ch - h) // 2))
+        im = canvas
+    return im.resize((W, H), Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def prepare(blobs: list[bytes], channels: int, size: tuple[int, int],
+            max_pixels: int) -> torch.Tensor:
+    """Uploaded files -> float tensor (N, C, H, W) in [0, 1] for the tokenizer."""
+    out = np.empty((len(blobs), size[0], size[1], channels), dtype=np.uint8)
+    for i, data in enumerate(blobs):
+        try:
+            im = open_checked(data, max_pixels)
+        except ServiceError as e:
+            if len(blobs) > 1:
+                e.message = f"image {i}: {e.message}"
+            raise
+        im = fit(convert(ImageOps.exif_transpose(im) or im, channels), size)
+        a = np.asarray(im, dtype=np.uint8)
+        out[i] = a[..., None] if a.ndim == 2 else a
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# ---- responses ---------------------------------------------------------------------------
+def b64png(image: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def png_of(images: np.ndarray) -> bytes:
+    """(N, H, W, C) uint8 -> one PNG: the image for N=1, a tiled grid for more."""
+    return png_bytes(images[0] if len(images) == 1 else tile(images))
+
+
+def dumps(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def generate_json(model: str, seed: int, images: np.ndarray, tokens: np.ndarray,
+                  grid: tuple[int, int]) -> bytes:
+    return dumps({"model": model, "seed": seed, "images": [
+        {"png": b64png(images[i]), "tokens": tokens[i].reshape(grid).tolist(), "seed": seed + i}
+        for i in range(len(images))]})
+
+
+def decode_json(model: str, images: np.ndarray, grid: tuple[int, int]) -> bytes:
+    return dumps({"model": model, "shape": list(grid),
+                  "images": [{"png": b64png(im)} for im in images]})
+
+
+def encode_json(model: str, tokens: np.ndarray) -> bytes:
+    return dumps({"model": model, "shape": list(tokens.shape[1:]), "tokens": tokens.tolist()})

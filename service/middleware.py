@@ -1,0 +1,142 @@
+"""The outermost ASGI layer: request id, body limit, request metrics and the JSON access log.
+
+Pure ASGI (no BaseHTTPMiddleware) so each request pays a few microseconds here. Handlers add
+`model`, `batch_size`, `queue_ms` and `compute_ms` to `scope["taming.log"]` for the log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from . import logs
+from .batching import Arrivals
+from .errors import error_response
+from .metrics import Metrics
+
+log = logging.getLogger("taming.http")
+
+LOG_KEY = "taming.log"
+INFERENCE = frozenset({"/generate", "/encode", "/decode"})
+ENDPOINTS = INFERENCE | {"/models", "/healthz", "/readyz", "/metrics", "/docs", "/redoc",
+                         "/openapi.json", "/docs/oauth2-redirect"}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def endpoint_of(path: str) -> str:
+    """A bounded label: the route template, or "other" for unknown paths."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/models/") and path.count("/") == 2:
+        return "/models/{name}"
+    return "other"
+
+
+class RequestMiddleware:
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, arrivals: Arrivals) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+        self.arrivals = arrivals
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        rid = length = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")
+            elif k == b"content-length":
+                length = v
+        if rid is None or not _REQUEST_ID.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        ctx = {"model": "", "t0": t0}
+        scope[LOG_KEY] = ctx
+        endpoint = endpoint_of(scope["path"])
+        state = {"status": 499, "started": False}
+        rid_header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        inference = endpoint in INFERENCE
+        if inference:
+            self.metrics.in_flight.inc()
+            self.arrivals.n += 1  # until the handler queues it (state.Service.run)
+            ctx["arriving"] = True
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                if length is not None and length.isdigit() and int(length) > self.max_body:
+                    await self._too_big(scope, receive, send_with_id)
+                    return
+                body = await self._read_body(receive)
+                if body is None:  # over the limit while streaming
+                    await self._too_big(scope, receive, send_with_id)
+                    return
+                if body is False:  # the client went away mid-body
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not state["started"]:
+                await error_response(500, "internal_error", "internal server error")(
+                    scope, receive, send_with_id)
+            else:
+                state["status"] = 500
+        finally:
+            if inference:
+                self.metrics.in_flight.dec()
+                if ctx.pop("arriving", False):
+                    self.arrivals.n -= 1
+            elapsed = time.perf_counter() - t0
+            model, status = ctx["model"], state["status"]
+            self.metrics.requests.labels(endpoint, model, str(status)).inc()
+            self.metrics.request_duration.labels(endpoint, model).observe(elapsed)
+            record = {"ts": round(time.time(), 3), "request_id": rid, "method": scope["method"],
+                      "endpoint": endpoint, "path": scope["path"], "model": model,
+                      "status": status, "duration_ms": round(elapsed * 1000, 2)}
+            for k in ("batch_size", "queue_ms", "compute_ms", "images", "error"):
+                if k in ctx:
+                    record[k] = ctx[k]
+            logs.access(record)
+
+    async def _too_big(self, scope, receive, send) -> None:
+        await error_response(413, "payload_too_large",
+                             f"request body exceeds the limit of {self.max_body} bytes")(
+            scope, receive, send)
+
+    async def _read_body(self, receive) -> bytes | None | bool:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A receive() that hands the buffered body over once, then defers to the server's."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

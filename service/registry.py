@@ -1,0 +1,173 @@
+"""The model registry: every checkpoint folder loaded, validated and described once at start-up.
+
+Model names are the folder names. Requests only ever look a name up in this dict; a name from
+a request never reaches the file system.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import CONFIG, Bundle, CheckpointError, load_bundle
+from models.sampling import make_batch, sample
+
+from .settings import Settings
+
+log = logging.getLogger("taming.registry")
+
+FALLBACK_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_scale": 1.0}
+
+
+@dataclass
+class ModelEntry:
+    """One loaded model and what requests need to know about it."""
+
+    name: str
+    bundle: Bundle
+    device: str
+    defaults: dict
+    info: dict = field(default_factory=dict)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.bundle.gpt is not None
+
+    @property
+    def channels(self) -> int:
+        return self.bundle.vqvae.config.channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.bundle.vqvae.config.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.bundle.grid)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.bundle.vqvae.config.codebook_size
+
+    @property
+    def n_classes(self) -> int:
+        gpt = self.bundle.gpt
+        return gpt.config.n_classes if gpt is not None else len(self.bundle.classes)
+
+    def class_index(self, label: int | str) -> int:
+        """A class index or name -> its index; ValueError for an unknown class."""
+        if isinstance(label, int):
+            if 0 <= label < self.n_classes:
+                return label
+            raise ValueError(f"unknown class {label}: model {self.name!r} has classes "
+                             f"0..{self.n_classes - 1}")
+        names = self.bundle.classes
+        if label in names:
+            return names.index(label)
+        folded = [c.casefold() for c in names]
+        if label.casefold() in folded:
+            return folded.index(label.casefold())
+        raise ValueError(f"unknown class {label!r}: model {self.name!r} has classes {names}")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise CheckpointError(f"TAMING_DEVICE={name!r}: not a device ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"TAMING_DEVICE={name!r}: CUDA is not available on this machine")
+    return str(dev)
+
+
+def checkpoint_folders(settings: Settings) -> list[Path]:
+    """The folders to serve: TAMING_MODELS, or every sub-folder with a config.json."""
+    root = Path(settings.checkpoint_dir)
+    if settings.models:
+        return [Path(m) if ("/" in m or m.startswith(".")) else root / m for m in settings.models]
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint folder not found (set TAMING_CHECKPOINT_DIR)")
+    found = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if (d / CONFIG).is_file():
+            found.append(d)
+        else:
+            log.warning("skipping %s: no %s", d, CONFIG)
+    if not found:
+        raise CheckpointError(f"{root}: no checkpoint folders (none holds a {CONFIG})")
+    return found
+
+
+def describe(entry: ModelEntry, settings: Settings) -> dict:
+    b = entry.bundle
+    cfg = b.config
+    return {
+        "name": entry.name,
+        "dataset": cfg.get("dataset"),
+        "image_size": list(entry.image_size),
+        "channels": entry.channels,
+        "grid": list(entry.grid),
+        "max_grid": [settings.max_grid, settings.max_grid],
+        "codebook_size": entry.codebook_size,
+        "classes": list(b.classes),
+        "can_generate": entry.can_generate,
+        "defaults": dict(entry.defaults),
+        "digest": b.digest,
+        "device": entry.device,
+        "evaluation": cfg.get("evaluation") or {},
+    }
+
+
+def load_models(settings: Settings) -> dict[str, ModelEntry]:
+    """Load and validate every folder; raises CheckpointError with a one-line reason."""
+    device = resolve_device(settings.device)
+    models: dict[str, ModelEntry] = {}
+    for folder in checkpoint_folders(settings):
+        bundle = load_bundle(folder, device=device)
+        name = bundle.name
+        if name in models:
+            raise CheckpointError(f"{folder}: a second model named {name!r}")
+        max_img = settings.max_grid * bundle.vqvae.config.downsample
+        if max(bundle.vqvae.config.image_size) > max_img:
+            log.warning("%s: image size exceeds TAMING_MAX_GRID tokens", folder)
+        defaults = dict(FALLBACK_DEFAULTS)
+        shipped = bundle.config.get("sampling_defaults") or {}
+        if not isinstance(shipped, dict):
+            raise CheckpointError(f"{folder / CONFIG}: sampling_defaults is not an object")
+        defaults.update({k: v for k, v in shipped.items()
+                         if k in FALLBACK_DEFAULTS and (v is not None or k == "top_k")})
+        entry = ModelEntry(name=name, bundle=bundle, device=device, defaults=defaults)
+        if entry.can_generate:
+            try:  # the shipped defaults must be valid settings for this model
+                make_batch(bundle.gpt.config, 1, entry.grid, **{
+                    k: defaults[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")})
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{folder / CONFIG}: bad sampling_defaults ({e})") from e
+        entry.info = describe(entry, settings)
+        models[name] = entry
+        log.info("loaded model %s from %s (%s, generator: %s)", name, folder, bundle.digest,
+                 "yes" if entry.can_generate else "no")
+    return models
+
+
+@torch.inference_mode()
+def warm_up(entry: ModelEntry, max_batch_size: int) -> None:
+    """Run each operation once so the first request pays no first-call costs."""
+    vq = entry.bundle.vqvae
+    c, (h, w) = entry.channels, entry.image_size
+    dev = torch.device(entry.device)
+    grid = vq.encode(torch.zeros(1, c, h, w, device=dev))
+    vq.decode(grid)
+    gpt = entry.bundle.gpt
+    if gpt is not None:
+        gpt.setup_caches(2 * max_batch_size)  # guidance doubles the rows
+        g = torch.Generator().manual_seed(0)
+        batch = make_batch(gpt.config, 1, entry.grid, generator=g)
+        vq.decode(sample(gpt, batch, entry.grid).view(-1, *entry.grid).to(dev))

@@ -1,0 +1,76 @@
+"""POST /decode: token grids in, images out (the decoder is convolutional: any grid size)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Body, Depends, Request
+from starlette.responses import Response
+
+from ..deps import ServiceDep, require_api_key, wants_json
+from ..errors import invalid
+from ..imaging import decode_json, png_of
+from ..schemas import DecodeRequest, DecodeResponse
+from . import PNG_CONTENT, errors
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+
+EXAMPLES = {
+    "one": {"summary": "One 7x7 grid",
+            "value": {"model": "mnist", "tokens": [[i * 7 + j for j in range(7)]
+                                                   for i in range(7)]}},
+    "two": {"summary": "Two grids of one shape",
+            "value": {"model": "mnist", "tokens": [[[5] * 7] * 7, [[9] * 7] * 7]}},
+}
+
+
+def check_grids(tokens: list, codebook_size: int, max_grid: int, max_images: int
+                ) -> torch.Tensor:
+    """One grid or a list of grids -> int64 (N, rows, cols); 422 for anything malformed."""
+    grids = tokens if tokens and tokens[0] and isinstance(tokens[0][0], list) else [tokens]
+    if not grids:
+        raise invalid("tokens holds no grid")
+    if len(grids) > max_images:
+        raise invalid(f"{len(grids)} grids; at most {max_images} per request")
+    shape = None
+    for i, g in enumerate(grids):
+        rows = len(g)
+        cols = len(g[0]) if rows else 0
+        if rows == 0 or cols == 0:
+            raise invalid(f"grid {i} is empty ({rows} rows, {cols} columns)")
+        if rows > max_grid or cols > max_grid:
+            raise invalid(f"grid {i} is {rows}x{cols}; the maximum is {max_grid}x{max_grid}")
+        if any(len(r) != cols for r in g):
+            raise invalid(f"grid {i} is ragged: every row must have {cols} ids")
+        if shape is None:
+            shape = (rows, cols)
+        elif (rows, cols) != shape:
+            raise invalid(f"grid {i} is {rows}x{cols} but grid 0 is {shape[0]}x{shape[1]}: "
+                          "grids of one request must share a shape")
+    arr = np.asarray(grids, dtype=np.int64)
+    if arr.min() < 0 or arr.max() >= codebook_size:
+        raise invalid(f"token ids must lie in [0, {codebook_size})")
+    return torch.from_numpy(arr)
+
+
+@router.post(
+    "/decode", summary="Decode token grids to images (PNG, or JSON)",
+    responses={200: {"model": DecodeResponse, "content": PNG_CONTENT, "description": (
+        "image/png (one image, or a tiled grid for several) with an X-Model header; "
+        "application/json when the Accept header asks for it.")},
+               **errors(401, 404, 413, 422, 503, 504)})
+async def decode(request: Request, svc: ServiceDep,
+                 body: Annotated[DecodeRequest, Body(openapi_examples=EXAMPLES)]) -> Response:
+    entry = svc.model(body.model, request)
+    s = svc.settings
+    grids = check_grids(body.tokens, entry.codebook_size, s.max_grid, s.max_images)
+    shape = tuple(grids.shape[1:])
+    out = await svc.run(request, entry, "decode", shape, grids, len(grids))
+    headers = {"X-Model": entry.name}
+    if wants_json(request):
+        content = await svc.offload(decode_json, entry.name, out["images"], shape)
+        return Response(content, media_type="application/json", headers=headers)
+    content = await svc.offload(png_of, out["images"])
+    return Response(content, media_type="image/png", headers=headers)

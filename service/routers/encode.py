@@ -1,0 +1,67 @@
+"""POST /encode: images in, token grids out (the upload policy is in service/imaging.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from ..deps import ServiceDep, require_api_key
+from ..errors import ServiceError, invalid
+from ..imaging import MEDIA_TYPES, encode_json, prepare
+from ..schemas import MAX_NAME, EncodeResponse
+from . import errors
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+REQUEST_BODY = {"requestBody": {"required": True, "description": (
+    "One image as raw bytes (image/png, image/jpeg or image/webp), or multipart/form-data "
+    "with one or more image files (any field names). Images are converted to the model's "
+    "channels (alpha composited onto black) and padded to its aspect ratio, then resized to "
+    "its image size. Animated images are refused."), "content": {
+    "image/png": _BINARY, "image/jpeg": _BINARY, "image/webp": _BINARY,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+}}}
+
+
+async def _read_uploads(request: Request, max_images: int) -> list[bytes]:
+    ctype = request.headers.get("content-type", "")
+    base = ctype.split(";", 1)[0].strip().lower()
+    if base == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_images, max_fields=max_images)
+        except StarletteHTTPException as e:
+            raise invalid(f"bad multipart body: {e.detail}") from e
+        try:
+            blobs = [await v.read() for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        finally:
+            await form.close()
+        if not blobs:
+            raise invalid("the multipart body holds no files")
+        return blobs
+    if base in MEDIA_TYPES:
+        body = await request.body()
+        if not body:
+            raise invalid("empty body: send the image bytes")
+        return [body]
+    raise ServiceError(415, "unsupported_media_type",
+                       f"Content-Type {base or 'missing'!s} is not supported; send image/png, "
+                       "image/jpeg, image/webp or multipart/form-data")
+
+
+@router.post("/encode", summary="Tokenize images", openapi_extra=REQUEST_BODY,
+             response_model=EncodeResponse, responses=errors(401, 404, 413, 415, 422, 503, 504))
+async def encode(request: Request, svc: ServiceDep,
+                 model: Annotated[str | None, Query(max_length=MAX_NAME, description=(
+                     "Model name; default: the server's default model."))] = None) -> Response:
+    entry = svc.model(model, request)
+    blobs = await _read_uploads(request, svc.settings.max_images)
+    x = await svc.offload(prepare, blobs, entry.channels, entry.image_size,
+                          svc.settings.max_image_pixels)
+    out = await svc.run(request, entry, "encode", None, x, len(blobs))
+    return Response(encode_json(entry.name, out["tokens"]), media_type="application/json")

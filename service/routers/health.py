@@ -1,0 +1,44 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends
+from starlette.responses import Response
+
+from ..deps import ServiceDep, require_metrics_key
+from ..errors import error_response
+from ..schemas import ErrorBody, Health, Ready
+
+router = APIRouter(tags=["operations"])
+
+_OK = b'{"status":"ok"}'
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Response:
+    return Response(_OK, media_type="application/json")
+
+
+@router.get("/readyz", response_model=Ready, summary="Readiness: models loaded and warmed up",
+            responses={503: {"model": ErrorBody, "description": "Starting or draining."}})
+async def readyz(svc: ServiceDep) -> Response:
+    if svc.draining:
+        return error_response(503, "draining", "the server is shutting down",
+                              {"Retry-After": str(svc.settings.retry_after_s)})
+    if not svc.ready:
+        return error_response(503, "not_ready", "models are still loading",
+                              {"Retry-After": str(svc.settings.retry_after_s)})
+    return Response(json.dumps({"status": "ready", "models": list(svc.models)}).encode(),
+                    media_type="application/json")
+
+
+@router.get("/metrics", summary="Prometheus metrics (text format)",
+            dependencies=[Depends(require_metrics_key)],
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                       401: {"model": ErrorBody, "description": (
+                           "Missing or invalid API key (only with TAMING_PROTECT_METRICS).")}})
+async def metrics(svc: ServiceDep) -> Response:
+    body, content_type = svc.metrics.render()
+    return Response(body, media_type=content_type)

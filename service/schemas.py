@@ -1,0 +1,138 @@
+"""Request, response and error models: the HTTP contract of DESIGN.md, as shown in /docs.
+
+Requests are strict: integers must be JSON integers (no 1.0, no "1", no true), numbers must
+be finite (no NaN or Infinity), and unknown fields are refused, each with a 422.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 64
+MAX_SEED = 2**62
+MAX_NAME = 128
+MAX_PREFIX = 64 * 64  # a bound for parsing; the real limit is the grid's cell count
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Machine-readable code, e.g. invalid_request, overloaded.")
+    message: str = Field(description="What went wrong, for humans.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"error": {"code": "invalid_request", "message": "n: Input should be less than or "
+                   "equal to 64"}}]})
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [
+        {"model": "mnist", "n": 4, "label": 7, "seed": 1234},
+        {"model": "fashion-mnist", "label": "Sneaker", "temperature": 0.9, "top_k": 100,
+         "seed": 7, "grid": [7, 14]},
+    ]})
+
+    model: str | None = Field(None, max_length=MAX_NAME, description=(
+        "Model name; default: the server's default model."))
+    n: int = Field(1, ge=1, le=MAX_N, description="Number of images (1..64).")
+    label: int | str | None = Field(None, description=(
+        "Class index or class name; omitted = unconditional."))
+    temperature: float | None = Field(None, gt=0, description="> 0; default: the model's.")
+    top_k: int | None = Field(None, ge=1, description="1..K (K = codebook size); default: off.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus mass in (0, 1].")
+    cfg_scale: float | None = Field(None, description=(
+        "Classifier-free guidance scale; 1 = off (default: the model's)."))
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
+        "Seed of image 0; image i uses seed + i. Omitted: random, returned in X-Seed."))
+    grid: list[int] | None = Field(None, min_length=2, max_length=2, description=(
+        "[rows, cols] of tokens; default the model's grid; larger = sliding-window sampling, "
+        "up to [max_grid, max_grid] (see GET /models/{name})."))
+    prefix: list[int] | list[list[int]] | None = Field(None, max_length=MAX_PREFIX, description=(
+        "Token ids to keep, in raster order: a flat list, or rows of the grid (the last row "
+        "may be partial). The sampler completes the rest."))
+
+
+class GeneratedImage(BaseModel):
+    png: str = Field(description="Base64-encoded PNG.")
+    tokens: list[list[int]] = Field(description="The token grid, rows x cols.")
+    seed: int = Field(description="Seed that reproduces this image alone (n=1).")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    seed: int
+    images: list[GeneratedImage]
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(**STRICT, json_schema_extra={"examples": [
+        {"model": "mnist", "tokens": [[1, 2, 3, 4, 5, 6, 7]] * 7},
+    ]})
+
+    model: str | None = Field(None, max_length=MAX_NAME, description=(
+        "Model name; default: the server's default model."))
+    tokens: list[list[int]] | list[list[list[int]]] = Field(description=(
+        "One token grid (rows of ids in [0, K)) or a list of grids of one shape; any size up "
+        "to [max_grid, max_grid]."))
+
+
+class ImagePNG(BaseModel):
+    png: str = Field(description="Base64-encoded PNG.")
+
+
+class DecodeResponse(BaseModel):
+    model: str
+    shape: list[int] = Field(description="[rows, cols] of the decoded grids.")
+    images: list[ImagePNG]
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    shape: list[int] = Field(description="[rows, cols] of each token grid.")
+    tokens: list[list[list[int]]] = Field(description="One grid per uploaded image.")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "mnist", "shape": [7, 7], "tokens": [[[12, 200, 7, 7, 7, 7, 7]] * 7]}]})
+
+
+class SamplingDefaults(BaseModel):
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    dataset: str | None = None
+    image_size: list[int] = Field(description="[H, W] in pixels.")
+    channels: int
+    grid: list[int] = Field(description="[rows, cols] of the training token grid.")
+    max_grid: list[int] = Field(description="Largest [rows, cols] /generate and /decode accept.")
+    codebook_size: int
+    classes: list[str] = Field(description="Class names in index order.")
+    can_generate: bool = Field(description="False when the folder holds only the tokenizer.")
+    defaults: SamplingDefaults
+    digest: str = Field(description="Digest of the weight files.")
+    device: str
+    evaluation: dict[str, Any] = Field(description="Measured results from config.json.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    default: str
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Ready(BaseModel):
+    status: str = Field(examples=["ready"])
+    models: list[str]
