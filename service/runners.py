@@ -55,8 +55,8 @@ class GenerateRunner:
         return {"images": to_uint8(images), "tokens": tokens.cpu().numpy()}
 
 
-class EncodeRunner:
-    operation = "encode"
+class _TokenizerRunner:
+    """Shared by encode and decode: both batch tensors along the first axis."""
 
     def __init__(self, entry: ModelEntry) -> None:
         self.model = entry.name
@@ -66,22 +66,17 @@ class EncodeRunner:
     def collate(self, payloads: list[torch.Tensor]) -> torch.Tensor:
         x = payloads[0] if len(payloads) == 1 else torch.cat(payloads)
         return x.to(self.device)
+
+
+class EncodeRunner(_TokenizerRunner):
+    operation = "encode"
 
     def run(self, batch: torch.Tensor, lo: int, hi: int) -> dict[str, np.ndarray]:
         return {"tokens": self.vqvae.encode(batch[lo:hi]).cpu().numpy()}
 
 
-class DecodeRunner:
+class DecodeRunner(_TokenizerRunner):
     operation = "decode"
-
-    def __init__(self, entry: ModelEntry) -> None:
-        self.model = entry.name
-        self.vqvae = entry.bundle.vqvae
-        self.device = torch.device(entry.device)
-
-    def collate(self, payloads: list[torch.Tensor]) -> torch.Tensor:
-        x = payloads[0] if len(payloads) == 1 else torch.cat(payloads)
-        return x.to(self.device)
 
     def run(self, batch: torch.Tensor, lo: int, hi: int) -> dict[str, np.ndarray]:
         return {"images": to_uint8(self.vqvae.decode(batch[lo:hi]))}

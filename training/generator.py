@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import gpt_from_config, load_bundle, read_config, save_gpt, write_config
+from models.checkpoint import load_bundle, read_config, save_gpt, write_config
 from models.gpt import GPT, GPTConfig
 from models.images import tile, to_uint8
 from models.sampling import SamplingBatch, make_batch, sample
@@ -245,4 +245,3 @@ def tokenize_and_decode(bundle, images: torch.Tensor, batch_size: int = 1000) ->
     return torch.cat(out)
 
 
-__all__ = ["train", "evaluate", "gpt_from_config"]
