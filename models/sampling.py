@@ -70,10 +70,9 @@ def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = 
     if prefix:
         if len(prefix) > T:
             raise ValueError(f"prefix has {len(prefix)} tokens, longer than the grid's {T}")
-        p = torch.tensor(prefix, dtype=torch.int64)
-        if p.min() < 0 or p.max() >= K:
+        if not all(0 <= t < K for t in prefix):  # in Python first: huge ints overflow int64
             raise ValueError(f"prefix token ids must lie in [0, {K})")
-        pre[: len(prefix)] = p
+        pre[: len(prefix)] = torch.tensor(prefix, dtype=torch.int64)
     return SamplingBatch(
         class_ids=torch.full((n,), model_cfg.class_token(label), dtype=torch.int64),
         uniforms=torch.rand(n, T, generator=generator),

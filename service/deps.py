@@ -15,7 +15,9 @@ bearer = HTTPBearer(auto_error=False, description=(
     "Needed only when the server sets TAMING_API_KEYS: `Authorization: Bearer <key>`."))
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    """Async on purpose: FastAPI runs a plain `def` dependency on its thread pool, a thread
+    hop per request."""
     return request.app.state.service
 
 
@@ -38,13 +40,13 @@ def _check_key(svc: Service, creds: HTTPAuthorizationCredentials | None) -> None
 async def require_api_key(
         request: Request,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    _check_key(get_service(request), creds)
+    _check_key(request.app.state.service, creds)
 
 
 async def require_metrics_key(
         request: Request,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    svc = get_service(request)
+    svc: Service = request.app.state.service
     if svc.settings.protect_metrics:
         _check_key(svc, creds)
 

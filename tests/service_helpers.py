@@ -10,14 +10,18 @@ from __future__ import annotations
 import atexit
 import io
 import shutil
+import socket
 import tempfile
-from contextlib import asynccontextmanager
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
+import uvicorn
 from PIL import Image
 
 from models.checkpoint import save_gpt, save_vqvae
@@ -137,3 +141,25 @@ async def async_client(app):
         async with httpx.AsyncClient(transport=transport, base_url="http://test",
                                      timeout=120) as client:
             yield client
+
+
+@contextmanager
+def live_server(app):
+    """The app behind a real uvicorn socket in a background thread; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

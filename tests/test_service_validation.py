@@ -37,7 +37,8 @@ BAD_GENERATE = [
     ({"grid": [7]}, "grid"), ({"grid": [7, 7, 7]}, "grid"), ({"grid": [7, "7"]}, "grid"),
     ({"grid": [7.0, 7]}, "grid"),
     ({"prefix": list(range(16)) * 4}, "prefix"), ({"prefix": [16]}, "prefix"),
-    ({"prefix": [-1]}, "prefix"), ({"prefix": [1.5]}, "prefix"), ({"prefix": ["a"]}, "prefix"),
+    ({"prefix": [-1]}, "prefix"), ({"prefix": [2**70]}, "prefix"), ({"prefix": [1.5]}, "prefix"),
+    ({"prefix": ["a"]}, "prefix"),
     ({"prefix": [[1, 2], [3]]}, "prefix"), ({"prefix": [1, [2]]}, "prefix"),
     ({"seed": -1}, "seed"), ({"seed": 2**70}, "seed"), ({"seed": "42"}, "seed"),
     ({"cfg_scale": "x"}, "cfg_scale"), ({"model": 5}, "model"),
@@ -95,6 +96,7 @@ def test_body_over_the_limit_is_413(client):
 
 BAD_DECODE = [
     ({"tokens": [[16]]}, "[0, 16)"), ({"tokens": [[-1]]}, "[0, 16)"),
+    ({"tokens": [[2**70]]}, "[0, 16)"), ({"tokens": [[-(2**70)]]}, "[0, 16)"),
     ({"tokens": [[1, 2], [3]]}, "ragged"), ({"tokens": [[[1, 2]], [[1], [2]]]}, "shape"),
     ({"tokens": [[1] * 13]}, "maximum"), ({"tokens": [[1]] * 13}, "maximum"),
     ({"tokens": []}, "empty"), ({"tokens": [[]]}, "empty"), ({"tokens": [[[]]]}, "empty"),

@@ -51,6 +51,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--cfg-scale", type=float, default=None, help="override the shipped default")
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write", action="store_true", help="print only; leave config.json alone")
@@ -204,8 +206,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     settings = dict(bundle.config.get("sampling_defaults") or DEFAULT_SAMPLING)
     if args.cfg_scale is not None:
         settings["cfg_scale"] = args.cfg_scale
-    if args.temperature is not None:
-        settings["temperature"] = args.temperature
+    for key in ("temperature", "top_k", "top_p"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     n_classes = bundle.gpt.config.n_classes
     labels = [i % n_classes for i in range(args.samples)]
     t0 = time.time()

@@ -49,8 +49,11 @@ def check_grids(tokens: list, codebook_size: int, max_grid: int, max_images: int
         elif (rows, cols) != shape:
             raise invalid(f"grid {i} is {rows}x{cols} but grid 0 is {shape[0]}x{shape[1]}: "
                           "grids of one request must share a shape")
-    arr = np.asarray(grids, dtype=np.int64)
-    if arr.min() < 0 or arr.max() >= codebook_size:
+    try:
+        arr = np.asarray(grids, dtype=np.int64)
+    except OverflowError:  # ids beyond int64
+        arr = None
+    if arr is None or arr.min() < 0 or arr.max() >= codebook_size:
         raise invalid(f"token ids must lie in [0, {codebook_size})")
     return torch.from_numpy(arr)
 
