@@ -161,7 +161,7 @@ class Server:
     def __init__(self, env: dict[str, str]) -> None:
         self.port = free_port()
         full = dict(os.environ, TAMING_HOST="127.0.0.1", TAMING_PORT=str(self.port),
-                    TAMING_LOG_LEVEL="warning", TAMING_MAX_QUEUE="4096", **env)
+                    TAMING_LOG_LEVEL="warning", **env)
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -309,6 +309,24 @@ def test_seeded_generate_is_identical_alone_and_in_a_burst_of_32():
     run(main())
 
 
+def test_64_identical_seeded_requests_at_once_give_64_identical_answers():
+    app = create_app(settings(**serving_models(), max_wait_ms=50))
+    body = {"seed": 77, "label": 4}
+
+    async def main():
+        async with async_client(app) as c:
+            alone = await c.post("/generate", json=body, headers={"Accept": "application/json"})
+            rs = await asyncio.gather(*(c.post("/generate", json=body,
+                                               headers={"Accept": "application/json"})
+                                        for _ in range(64)))
+            assert all(r.status_code == 200 for r in rs)
+            answers = {r.content for r in rs}
+            assert answers == {alone.content}, f"{len(answers)} different answers"
+            count, total = _batches((await c.get("/metrics")).text)
+            assert total == 65 and count < 65  # they were batched, not run one by one
+    run(main())
+
+
 def test_full_queue_over_http_is_503_with_retry_after():
     app = create_app(settings(**tiny_models("mnist"), max_queue=2, max_wait_ms=1500,
                               retry_after_s=3))
