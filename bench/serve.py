@@ -247,21 +247,28 @@ async def run_server(label: str, env: dict[str, str], makers: dict, ops: list[st
 
 
 # ---- the ceiling: the model in this process -----------------------------------------------------
-def ceiling(bundle, ops: list[str], sizes: list[int], min_s: float = 1.0) -> dict:
+def ceiling(bundle, ops: list[str], sizes: list[int], device: str, min_s: float = 1.0) -> dict:
     gpt, vq = bundle.gpt, bundle.vqvae
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     cfg = vq.config
     rows, cols = cfg.grid
     defaults = dict(bundle.config.get("sampling_defaults") or {})
     out: dict[str, dict[int, float]] = {op: {} for op in ops}
     g = torch.Generator().manual_seed(0)
     for b in sizes:
-        codes = torch.randint(0, cfg.codebook_size, (b, rows, cols), generator=g)
-        images = vq.decode(codes)
+        codes = torch.randint(0, cfg.codebook_size, (b, rows, cols), generator=g).to(dev)
+        with torch.inference_mode():
+            images = vq.decode(codes)
         batch = SamplingBatch.cat([make_batch(gpt.config, 1, (rows, cols), label=i % 10,
                                               generator=torch.Generator().manual_seed(i),
                                               cfg_scale=defaults.get("cfg_scale", 1.0),
                                               temperature=defaults.get("temperature", 1.0))
-                                   for i in range(b)])
+                                   for i in range(b)]).to(dev)
         fns = {"generate": lambda batch=batch: to_uint8(vq.decode(
                    sample(gpt, batch, (rows, cols)).view(-1, rows, cols))),
                "encode": lambda images=images: vq.encode(images),
@@ -269,10 +276,12 @@ def ceiling(bundle, ops: list[str], sizes: list[int], min_s: float = 1.0) -> dic
         for op in ops:
             with torch.inference_mode():
                 fns[op]()
+                sync()
                 n, t0 = 0, time.perf_counter()
                 while time.perf_counter() - t0 < min_s or n < 3:
                     fns[op]()
                     n += 1
+                sync()
                 out[op][b] = round(n * b / (time.perf_counter() - t0), 1)
         print(f"  [in-process] batch {b:3d}: " + "  ".join(
             f"{op} {out[op][b]:.1f}/s" for op in ops), flush=True)
@@ -280,11 +289,13 @@ def ceiling(bundle, ops: list[str], sizes: list[int], min_s: float = 1.0) -> dic
     with torch.inference_mode():  # one image, end to end, the way a lone request runs
         one = SamplingBatch.cat([make_batch(gpt.config, 1, (rows, cols), label=3,
                                             generator=torch.Generator().manual_seed(0),
-                                            cfg_scale=defaults.get("cfg_scale", 1.0))])
+                                            cfg_scale=defaults.get("cfg_scale", 1.0),
+                                            temperature=defaults.get("temperature", 1.0))]).to(dev)
         times = []
         for _ in range(30):
             t0 = time.perf_counter()
             png_bytes(to_uint8(vq.decode(sample(gpt, one, (rows, cols)).view(-1, rows, cols)))[0])
+            sync()
             times.append(time.perf_counter() - t0)
         single["generate_ms"] = round(1000 * sorted(times)[len(times) // 2], 2)
     return {"images_per_s": out, "single_image": single}
@@ -293,11 +304,11 @@ def ceiling(bundle, ops: list[str], sizes: list[int], min_s: float = 1.0) -> dic
 async def amain(args) -> dict:
     ops = args.ops.split(",")
     clients = [int(c) for c in args.clients.split(",")]
-    bundle = load_bundle(ROOT / "checkpoints" / args.model, device="cpu")
-    makers = request_makers(args.model, bundle)
+    makers = request_makers(args.model, load_bundle(ROOT / "checkpoints" / args.model, device="cpu"))
+    bundle = load_bundle(ROOT / "checkpoints" / args.model, device=args.device)
     print(f"in-process ceiling ({args.model}, torch threads {torch.get_num_threads()})", flush=True)
     sizes = sorted({min(c, args.max_batch_size) for c in clients})
-    ceil = ceiling(bundle, ops, sizes)
+    ceil = ceiling(bundle, ops, sizes, args.device)
     runs = []
     for label, env in (("batched", {"TAMING_MAX_BATCH_SIZE": str(args.max_batch_size),
                                     **dict(kv.split("=", 1) for kv in args.env)}),
@@ -334,6 +345,8 @@ def summarize(res: dict, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mnist")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device of the in-process ceiling (the server's: --env TAMING_DEVICE=...)")
     ap.add_argument("--clients", default="1,8,32,64,128")
     ap.add_argument("--ops", default="generate,encode,decode")
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per level")

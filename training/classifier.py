@@ -68,7 +68,8 @@ def train_classifier(data, device="cpu", steps: int = 1500, seed: int = 0) -> Cl
     return clf
 
 
-def load_or_train_classifier(folder: Path, data, device="cpu", seed: int = 0) -> Classifier:
+def load_or_train_classifier(folder: Path, data, device="cpu", seed: int = 0,
+                             steps: int = 1500) -> Classifier:
     path = Path(folder) / CLASSIFIER_FILE
     if path.is_file():
         with safe_open(str(path), "pt") as f:
@@ -77,7 +78,7 @@ def load_or_train_classifier(folder: Path, data, device="cpu", seed: int = 0) ->
         clf.load_state_dict(load_file(str(path)))
         clf.test_accuracy = meta["test_accuracy"]
         return clf.to(device)
-    clf = train_classifier(data, device=device, seed=seed)
+    clf = train_classifier(data, device=device, steps=steps, seed=seed)
     meta = {"channels": data.channels, "n_classes": len(data.classes), "test_accuracy": clf.test_accuracy}
     save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(path),
               metadata={"meta": json.dumps(meta)})

@@ -57,6 +57,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write", action="store_true", help="print only; leave config.json alone")
     p.add_argument("--key", default="generator", help="name of the result inside evaluation")
+    p.add_argument("--classifier-steps", type=int, default=1500,
+                   help="training steps of the evaluation classifier when none is shipped yet")
 
 
 @torch.no_grad()
@@ -202,7 +204,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "cpu" if args.device == "auto" else args.device)
     bundle = load_bundle(folder, device=device, require_gpt=True)
     data = load_dataset(bundle.config["dataset"])
-    clf = load_or_train_classifier(folder, data, device=device, seed=args.seed)
+    clf = load_or_train_classifier(folder, data, device=device, seed=args.seed,
+                                   steps=args.classifier_steps)
     settings = dict(bundle.config.get("sampling_defaults") or DEFAULT_SAMPLING)
     if args.cfg_scale is not None:
         settings["cfg_scale"] = args.cfg_scale
