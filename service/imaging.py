@@ -111,6 +111,19 @@ def fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return im.resize((W, H), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
+def header_pixels(blobs: list[bytes]) -> int | None:
+    """Pixels the uploads claim in their headers (cheap: nothing is decoded); None if unknown."""
+    total = 0
+    for data in blobs:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                total += w * h
+        except Exception:  # the real path reports what is wrong
+            return None
+    return total
+
+
 def prepare(blobs: list[bytes], channels: int, size: tuple[int, int],
             max_pixels: int) -> torch.Tensor:
     """Uploaded files -> float tensor (N, C, H, W) in [0, 1] for the tokenizer."""

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import Request
 
 from .batching import Arrivals, Engine
@@ -21,6 +22,8 @@ from .runners import runners_for
 from .settings import Settings
 
 log = logging.getLogger("taming.service")
+
+INLINE_PIXELS = 16 * 28 * 28
 
 
 class Service:
@@ -54,12 +57,14 @@ class Service:
             self.model_json[name] = json.dumps(entry.info).encode()
         self.models_json = json.dumps({"models": [e.info for e in self.models.values()],
                                        "default": self.default_model}).encode()
-        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="taming-io")
+        # one torch thread each: a second multi-threaded OpenMP team slows the model worker's
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="taming-io",
+                                     initializer=torch.set_num_threads, initargs=(1,))
         device = next(iter(self.models.values())).device
         self.engine = Engine(self.metrics, device=device, max_batch_size=s.max_batch_size,
                              max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
                              timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
-                             fault_oom_above=s.fault_oom_above, torch_threads=s.torch_threads,
+                             fault_oom_above=s.fault_oom_above, torch_threads=s.worker_threads(),
                              arrivals=self.arrivals if s.eager_batching else None)
         await self.engine.start()
         if s.warmup:
@@ -97,8 +102,14 @@ class Service:
             request.scope.get(LOG_KEY, {})["model"] = entry.name
         return entry
 
-    async def offload(self, fn, *args) -> Any:
-        """Image decoding, PNG encoding and big JSON run on the I/O pool, off the event loop."""
+    async def offload(self, fn, *args, pixels: int | None = None) -> Any:
+        """Image decoding, PNG encoding and big JSON run on the I/O pool, off the event loop.
+
+        Work on at most INLINE_PIXELS pixels (a few 28x28 images: tens of microseconds) runs
+        inline: the hop to a thread and back would cost more than the work itself.
+        """
+        if pixels is not None and pixels <= INLINE_PIXELS:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
     async def run(self, request: Request, entry: ModelEntry, operation: str, shape: Any,

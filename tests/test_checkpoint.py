@@ -85,3 +85,24 @@ def test_shipped_checkpoints_load_and_are_small(root):
         ev = b.config["evaluation"]
         assert ev["vqvae"]["code_usage"] >= 0.9
         assert ev["vqvae"]["psnr_db"] >= (21 if name == "fashion-mnist" else 20)
+
+
+def test_loading_and_serving_never_unpickle(root, monkeypatch):
+    """Every unpickling entry point raises: the shipped models still load and answer."""
+    import pickle
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle was used")
+
+    for mod, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(mod, name, refuse)
+    for name in ("mnist", "fashion-mnist"):
+        assert load_bundle(root / "checkpoints" / name).gpt is not None
+    app = create_app(Settings(checkpoint_dir=root / "checkpoints", torch_threads=1))
+    with TestClient(app) as client:
+        assert client.post("/generate", json={"seed": 1, "model": "fashion-mnist"}).status_code == 200

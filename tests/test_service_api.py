@@ -281,6 +281,7 @@ def test_request_id_is_echoed_or_made(client):
     r = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
     made = r.headers["x-request-id"]
     assert made != "bad id with spaces" and len(made) == 32
+    assert client.get("/healthz").headers["x-request-id"] not in (made, "abc-123")
 
 
 def test_docs_and_openapi_examples(client):

@@ -234,7 +234,7 @@ def _batches(text: str, op: str = "generate", model: str = "mnist") -> tuple[flo
 
 
 def test_concurrent_requests_run_in_fewer_batches():
-    app = create_app(settings(**tiny_models("mnist"), max_wait_ms=300))
+    app = create_app(settings(**tiny_models("mnist"), eager_batching=False, max_wait_ms=300))
 
     async def main():
         async with async_client(app) as c:
@@ -278,7 +278,7 @@ MIXED = [
 
 
 def test_seeded_generate_is_identical_alone_and_in_a_burst_of_32():
-    app = create_app(settings(**serving_models(), max_wait_ms=100))
+    app = create_app(settings(**serving_models(), eager_batching=False, max_wait_ms=100))
     target = {"seed": 1234, "label": 7, "n": 2}
 
     async def main():
@@ -310,7 +310,7 @@ def test_seeded_generate_is_identical_alone_and_in_a_burst_of_32():
 
 
 def test_64_identical_seeded_requests_at_once_give_64_identical_answers():
-    app = create_app(settings(**serving_models(), max_wait_ms=50))
+    app = create_app(settings(**serving_models(), eager_batching=False, max_wait_ms=50))
     body = {"seed": 77, "label": 4}
 
     async def main():
@@ -328,7 +328,7 @@ def test_64_identical_seeded_requests_at_once_give_64_identical_answers():
 
 
 def test_full_queue_over_http_is_503_with_retry_after():
-    app = create_app(settings(**tiny_models("mnist"), max_queue=2, max_wait_ms=1500,
+    app = create_app(settings(**tiny_models("mnist"), max_queue=2, eager_batching=False, max_wait_ms=1500,
                               retry_after_s=3))
 
     async def main():
@@ -346,7 +346,8 @@ def test_full_queue_over_http_is_503_with_retry_after():
 
 
 def test_passed_deadline_over_http_is_504():
-    app = create_app(settings(**tiny_models("mnist"), request_timeout_s=0.2, max_wait_ms=3000))
+    app = create_app(settings(**tiny_models("mnist"), request_timeout_s=0.2, eager_batching=False,
+                              max_wait_ms=3000))
 
     async def main():
         async with async_client(app) as c:

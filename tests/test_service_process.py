@@ -59,7 +59,8 @@ def test_sigterm_drains_in_flight_and_queued_requests_then_exits_0():
         [sys.executable, "-m", "service"], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
         env=service_env(PORT=port, TAMING_CHECKPOINT_DIR=tiny_root(), TAMING_MODELS="mnist",
-                        TAMING_MAX_WAIT_MS=1000, TAMING_SHUTDOWN_GRACE_S=1.5))
+                        TAMING_MAX_WAIT_MS=1000, TAMING_EAGER_BATCHING="false",
+                        TAMING_SHUTDOWN_GRACE_S=1.5))
     try:
         assert wait_ready(base, proc) < 30
         bodies = [{"seed": i, "n": 2} for i in range(6)] + [{"seed": 99, "grid": [14, 14]}]
@@ -161,7 +162,7 @@ def test_discovery_skips_folders_without_config(tmp_path):
 
 
 def test_a_client_that_hangs_up_costs_no_model_work():
-    app = create_app(settings(**tiny_models("mnist"), max_wait_ms=1000))
+    app = create_app(settings(**tiny_models("mnist"), eager_batching=False, max_wait_ms=1000))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on"))

@@ -73,7 +73,8 @@ async def decode(request: Request, svc: ServiceDep,
     out = await svc.run(request, entry, "decode", shape, grids, len(grids))
     headers = {"X-Model": entry.name}
     if wants_json(request):
-        content = await svc.offload(decode_json, entry.name, out["images"], shape)
+        content = await svc.offload(decode_json, entry.name, out["images"], shape,
+                                    pixels=out["images"].size)
         return Response(content, media_type="application/json", headers=headers)
-    content = await svc.offload(png_of, out["images"])
+    content = await svc.offload(png_of, out["images"], pixels=out["images"].size)
     return Response(content, media_type="image/png", headers=headers)

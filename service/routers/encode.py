@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from ..deps import ServiceDep, require_api_key
 from ..errors import ServiceError, invalid
-from ..imaging import MEDIA_TYPES, encode_json, prepare
+from ..imaging import MEDIA_TYPES, encode_json, header_pixels, prepare
 from ..schemas import MAX_NAME, EncodeResponse
 from . import errors
 
@@ -62,6 +62,6 @@ async def encode(request: Request, svc: ServiceDep,
     entry = svc.model(model, request)
     blobs = await _read_uploads(request, svc.settings.max_images)
     x = await svc.offload(prepare, blobs, entry.channels, entry.image_size,
-                          svc.settings.max_image_pixels)
+                          svc.settings.max_image_pixels, pixels=header_pixels(blobs))
     out = await svc.run(request, entry, "encode", None, x, len(blobs))
     return Response(encode_json(entry.name, out["tokens"]), media_type="application/json")

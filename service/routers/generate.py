@@ -95,7 +95,7 @@ async def generate(request: Request, svc: ServiceDep,
     headers = {"X-Seed": str(seed), "X-Model": entry.name}
     if wants_json(request):
         content = await svc.offload(generate_json, entry.name, seed, out["images"],
-                                    out["tokens"], grid)
+                                    out["tokens"], grid, pixels=out["images"].size)
         return Response(content, media_type="application/json", headers=headers)
-    content = await svc.offload(png_of, out["images"])
+    content = await svc.offload(png_of, out["images"], pixels=out["images"].size)
     return Response(content, media_type="image/png", headers=headers)
