@@ -15,6 +15,9 @@ import torch
 from .gpt import GPT
 
 FREE = -1  # prefix value of a cell the sampler must choose
+# float32 holds the per-row settings: bounds far outside any useful value, inside its range
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+MAX_CFG_SCALE = 1e3
 
 
 @dataclass
@@ -54,14 +57,16 @@ def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = 
     T = rows * cols
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    if not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not (MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                         f"got {temperature}")
     if top_k is not None and not (1 <= top_k <= K):
         raise ValueError(f"top_k must lie in 1..{K}, got {top_k}")
     if not (0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if not (cfg_scale == cfg_scale and abs(cfg_scale) < float("inf")):
-        raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+    if not (-MAX_CFG_SCALE <= cfg_scale <= MAX_CFG_SCALE):
+        raise ValueError(f"cfg_scale must lie in [{-MAX_CFG_SCALE:g}, {MAX_CFG_SCALE:g}], "
+                         f"got {cfg_scale}")
     if label is not None and not (0 <= label < model_cfg.n_classes):
         raise ValueError(f"unknown class {label}: this model has classes 0..{model_cfg.n_classes - 1}")
     if rows < model_cfg.grid[0] or cols < model_cfg.grid[1]:

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.sampling import MAX_CFG_SCALE, MAX_TEMPERATURE, MIN_TEMPERATURE
+
 MAX_N = 64
 MAX_SEED = 2**62
 MAX_NAME = 128
@@ -43,10 +45,11 @@ class GenerateRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N, description="Number of images (1..64).")
     label: int | str | None = Field(None, description=(
         "Class index or class name; omitted = unconditional."))
-    temperature: float | None = Field(None, gt=0, description="> 0; default: the model's.")
+    temperature: float | None = Field(None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description=(
+        f"{MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}; default: the model's."))
     top_k: int | None = Field(None, ge=1, description="1..K (K = codebook size); default: off.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus mass in (0, 1].")
-    cfg_scale: float | None = Field(None, description=(
+    cfg_scale: float | None = Field(None, ge=-MAX_CFG_SCALE, le=MAX_CFG_SCALE, description=(
         "Classifier-free guidance scale; 1 = off (default: the model's)."))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
         "Seed of image 0; image i uses seed + i. Omitted: random, returned in X-Seed."))

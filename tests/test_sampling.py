@@ -119,6 +119,8 @@ def test_prefix_kept_verbatim_and_larger_grid_samples():
     (dict(prefix=list(range(13))), "longer than the grid"), (dict(prefix=[24]), "ids"),
     (dict(prefix=[-2]), "ids"), (dict(n=0), "n must"), (dict(grid=(2, 4)), "smaller than"),
     (dict(temperature=float("nan")), "temperature"), (dict(cfg_scale=float("inf")), "cfg_scale"),
+    (dict(temperature=1e308), "temperature"), (dict(temperature=1e-300), "temperature"),
+    (dict(cfg_scale=-1e308), "cfg_scale"), (dict(prefix=[2**70]), "ids"),
 ])
 def test_bad_arguments_raise_clear_errors(kw, match):
     m = tiny()
