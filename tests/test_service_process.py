@@ -10,14 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
-from service_helpers import ROOT, metric, settings, tiny_models, tiny_root
+from service_helpers import ROOT, live_server, metric, settings, tiny_models, tiny_root
 
 from models.checkpoint import CheckpointError
 from service.app import create_app
@@ -163,26 +161,16 @@ def test_discovery_skips_folders_without_config(tmp_path):
 
 def test_a_client_that_hangs_up_costs_no_model_work():
     app = create_app(settings(**tiny_models("mnist"), eager_batching=False, max_wait_ms=1000))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with live_server(app) as base:
+        port = int(base.rsplit(":", 1)[1])
         body = b'{"seed": 1}'
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             time.sleep(0.2)  # queued, waiting for company
         time.sleep(1.5)  # the batch window closes; the job is dropped, not computed
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        text = httpx.get(f"{base}/metrics").text
         assert metric(text, "taming_rejected_total", reason="client_gone") == 1
         assert metric(text, "taming_batch_size_count", operation="generate") == 0
-        ok = httpx.post(f"http://127.0.0.1:{port}/generate", json={"seed": 1}, timeout=30)
+        ok = httpx.post(f"{base}/generate", json={"seed": 1}, timeout=30)
         assert ok.status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(30)
