@@ -62,11 +62,15 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
-def tokenize(vqvae, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def _in_batches(vqvae, images: torch.Tensor, fn, batch_size: int = 1000) -> torch.Tensor:
+    """fn(vqvae, floats in [0, 1] on its device) over uint8 images, batch by batch, on the CPU."""
     dev = next(vqvae.parameters()).device
-    out = [vqvae.encode(images[i: i + batch_size].to(dev).float() / 255.0).flatten(1).cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+    return torch.cat([fn(vqvae, images[i: i + batch_size].to(dev).float() / 255.0).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def tokenize(vqvae, images: torch.Tensor) -> torch.Tensor:
+    return _in_batches(vqvae, images, lambda vq, x: vq.encode(x).flatten(1))
 
 
 def cached_tokens(bundle, data, run_dir: Path) -> dict[str, torch.Tensor]:
@@ -241,13 +245,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     return result
 
 
-@torch.no_grad()
-def tokenize_and_decode(bundle, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    dev = next(bundle.vqvae.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = bundle.vqvae.decode(bundle.vqvae.encode(images[i: i + batch_size].to(dev).float() / 255))
-        out.append((x.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-    return torch.cat(out)
+def tokenize_and_decode(bundle, images: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's reconstructions, uint8: the floor of the domain FID."""
+    return _in_batches(bundle.vqvae, images, lambda vq, x: (
+        vq.decode(vq.encode(x)).clamp(0, 1) * 255).round().to(torch.uint8))
 
 
