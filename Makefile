@@ -48,6 +48,8 @@ lint: install
 bench: install data
 	$(PY) bench/sampler.py
 	$(PY) bench/serve.py
+	$(PY) bench/overload.py
+	bash bench/fuzz.sh
 
 clean:
 	rm -rf $(VENV) data .pytest_cache
