@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 import numpy as np
@@ -9,11 +10,11 @@ import torch
 from fastapi import APIRouter, Body, Depends, Request
 from starlette.responses import Response
 
-from ..deps import ServiceDep, require_api_key, wants_json
+from ..deps import ServiceDep, require_api_key
 from ..errors import invalid
-from ..imaging import decode_json, png_of
+from ..imaging import decode_json
 from ..schemas import DecodeRequest, DecodeResponse
-from . import PNG_CONTENT, errors
+from . import PNG_CONTENT, errors, images_response
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -71,10 +72,5 @@ async def decode(request: Request, svc: ServiceDep,
     grids = check_grids(body.tokens, entry.codebook_size, s.max_grid, s.max_images)
     shape = tuple(grids.shape[1:])
     out = await svc.run(request, entry, "decode", shape, grids, len(grids))
-    headers = {"X-Model": entry.name}
-    if wants_json(request):
-        content = await svc.offload(decode_json, entry.name, out["images"], shape,
-                                    pixels=out["images"].size)
-        return Response(content, media_type="application/json", headers=headers)
-    content = await svc.offload(png_of, out["images"], pixels=out["images"].size)
-    return Response(content, media_type="image/png", headers=headers)
+    return await images_response(request, svc, out["images"], {"X-Model": entry.name},
+                                 partial(decode_json, entry.name, grid=shape))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from functools import partial
 from typing import Annotated
 
 import torch
@@ -11,12 +12,12 @@ from starlette.responses import Response
 
 from models.sampling import make_batch
 
-from ..deps import ServiceDep, require_api_key, wants_json
+from ..deps import ServiceDep, require_api_key
 from ..errors import invalid
-from ..imaging import generate_json, png_of
+from ..imaging import generate_json
 from ..runners import GeneratePayload
 from ..schemas import GenerateRequest, GenerateResponse
-from . import PNG_CONTENT, errors
+from . import PNG_CONTENT, errors, images_response
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -92,10 +93,6 @@ async def generate(request: Request, svc: ServiceDep,
     m = svc.metrics
     m.images_generated.labels(entry.name).inc(req.n)
     m.tokens_sampled.labels(entry.name).inc(req.n * grid[0] * grid[1])
-    headers = {"X-Seed": str(seed), "X-Model": entry.name}
-    if wants_json(request):
-        content = await svc.offload(generate_json, entry.name, seed, out["images"],
-                                    out["tokens"], grid, pixels=out["images"].size)
-        return Response(content, media_type="application/json", headers=headers)
-    content = await svc.offload(png_of, out["images"], pixels=out["images"].size)
-    return Response(content, media_type="image/png", headers=headers)
+    return await images_response(
+        request, svc, out["images"], {"X-Seed": str(seed), "X-Model": entry.name},
+        partial(generate_json, entry.name, seed, tokens=out["tokens"], grid=grid))
