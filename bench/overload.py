@@ -23,13 +23,12 @@ import json
 import os
 import platform
 import random
-import re
 import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from serve import ROOT, Connection, Server, load_level
+from serve import ROOT, Connection, Server, load_level, metric_sum
 
 
 def generate_request(rng: random.Random):
@@ -99,9 +98,7 @@ async def sample_server(server: Server, stop: asyncio.Event, out: dict) -> None:
         out["rss_mb"].append(server.rss_mb()["rss_mb"])
         try:
             text = await server.metrics()
-            depth = sum(float(v) for v in re.findall(
-                r'^taming_queue_depth\{[^}]*\} (\S+)$', text, re.M))
-            out["queue_depth"].append(depth)
+            out["queue_depth"].append(metric_sum(text, "taming_queue_depth"))
         except OSError:
             pass
         await asyncio.sleep(0.5)

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -206,16 +206,17 @@ class Server:
             self.proc.kill()
 
 
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (Prometheus text)."""
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
 def batch_stats(text: str, op: str, model: str) -> tuple[float, float]:
     """(sum, count) of the taming_batch_size histogram for one operation and model."""
-    vals = {}
-    for suffix in ("sum", "count"):
-        m = re.search(rf'^taming_batch_size_{suffix}\{{[^}}]*operation="{op}"[^}}]*model="{model}"'
-                      rf'[^}}]*\}} (\S+)$', text, re.M) or re.search(
-            rf'^taming_batch_size_{suffix}\{{[^}}]*model="{model}"[^}}]*operation="{op}"'
-            rf'[^}}]*\}} (\S+)$', text, re.M)
-        vals[suffix] = float(m.group(1)) if m else 0.0
-    return vals["sum"], vals["count"]
+    return tuple(metric_sum(text, f"taming_batch_size_{suffix}", operation=op, model=model)
+                 for suffix in ("sum", "count"))
 
 
 async def run_server(label: str, env: dict[str, str], makers: dict, ops: list[str],
