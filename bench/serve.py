@@ -47,9 +47,12 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
     async def request(self, method: str, path: str, body: bytes, ctype: str) -> tuple[int, bytes]:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            await self.connect()
         head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nAccept: */*\r\n\r\n").encode()
         self.writer.write(head + body)
