@@ -111,10 +111,20 @@ def fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return im.resize((W, H), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def header_pixels(blobs: list[bytes]) -> int | None:
-    """Pixels the uploads claim in their headers (cheap: nothing is decoded); None if unknown."""
+    """Pixels the uploads claim in their headers (cheap: nothing is decoded); None if unknown.
+
+    A PNG's size sits at a fixed place (its IHDR chunk comes first), so it is read straight
+    from the bytes; other formats go through PIL's header parser.
+    """
     total = 0
     for data in blobs:
+        if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+            total += int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+            continue
         try:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size

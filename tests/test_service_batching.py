@@ -147,9 +147,25 @@ def test_passed_deadline_is_504_and_not_computed():
     run(main())
 
 
+def test_a_job_that_barely_waited_is_not_asked_whether_its_client_left():
+    async def main():
+        e = await _engine(max_batch_size=64, max_wait_ms=1, gone_check_after_s=10)
+        r = FakeRunner()
+        asked = []
+
+        async def gone():
+            asked.append(1)
+            return True
+
+        assert (await e.result(_job(e, r, [1], is_gone=gone)))["x"].tolist() == [2]
+        assert asked == [] and r.calls == [1]
+        await e.close()
+    run(main())
+
+
 def test_gone_and_cancelled_clients_cost_no_compute():
     async def main():
-        e = await _engine(max_batch_size=64, max_wait_ms=50)
+        e = await _engine(max_batch_size=64, max_wait_ms=50, gone_check_after_s=0)
         r = FakeRunner()
 
         async def gone():

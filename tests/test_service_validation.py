@@ -189,3 +189,18 @@ def test_json_with_the_wrong_content_type_says_so(client):
     err = assert_error(client.post("/generate", content=b'{"seed": 1}',
                                    headers={"content-type": "text/plain"}), 422)
     assert "application/json" in err["message"]
+
+
+def test_header_pixels_reads_sizes_without_decoding():
+    from service.imaging import header_pixels
+
+    def encoded(w: int, h: int, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h)).save(buf, format=fmt)
+        return buf.getvalue()
+
+    assert header_pixels([encoded(30, 20, "PNG")]) == 600
+    assert header_pixels([encoded(30, 20, "PNG"), encoded(7, 5, "JPEG"),
+                          encoded(9, 4, "WEBP")]) == 600 + 35 + 36
+    assert header_pixels([_png_header(10_000, 10_000)]) == 10**8
+    assert header_pixels([encoded(3, 3, "PNG"), b"not an image"]) is None
