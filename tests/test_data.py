@@ -5,9 +5,10 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from training.data import DatasetError, load_dataset, load_folder, load_idx, read_idx
+from training.data import DatasetError, augment, load_dataset, load_folder, load_idx, read_idx
 
 
 def write_idx(path, arr: np.ndarray, gz: bool = False) -> None:
@@ -85,3 +86,20 @@ def test_fashion_mnist_standard_split():
     ds = load_dataset("fashion-mnist")
     assert len(ds.train) == 60000 and len(ds.test) == 10000
     assert ds.classes[0] == "T-shirt/top" and len(ds.classes) == 10
+
+
+def test_augment_keeps_digits_recognisable_and_is_seeded():
+    d = load_dataset("mnist")
+    x = d.train.images[:50]
+    a = augment(x, 3, seed=1)
+    assert a.shape == (150, 1, 28, 28) and a.dtype == torch.uint8
+    assert torch.equal(a, augment(x, 3, seed=1)) and not torch.equal(a, augment(x, 3, seed=2))
+    assert augment(x, 0).shape == (0, 1, 28, 28)
+    # row j*N + i is a copy of image i: a small turn/zoom/shift, so it stays close to it
+    # (mostly closer to it than to any other image of the slice) and keeps about the same ink
+    ink = x.float().flatten(1)
+    copy = a[100:150].float().flatten(1)
+    dist = torch.cdist(copy, ink)
+    assert (dist.argmin(1) == torch.arange(50)).float().mean() >= 0.75
+    assert abs(copy.mean() - ink.mean()) / ink.mean() < 0.1
+    assert not torch.equal(a[:50], x)
