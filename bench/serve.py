@@ -83,9 +83,9 @@ class Connection:
 
 
 async def load_level(host: str, port: int, make_request, clients: int, warmup_s: float,
-                     duration_s: float) -> dict:
+                     duration_s: float, images_per_request: int = 1) -> dict:
     """Closed-loop clients; only requests that start after the warm-up and end inside the
-    window are timed, and throughput counts completions inside the window."""
+    window are timed, and throughput counts the images of completions inside the window."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     start, stop = t0 + warmup_s, t0 + warmup_s + duration_s
@@ -124,13 +124,16 @@ async def load_level(host: str, port: int, make_request, clients: int, warmup_s:
             if latencies else float("nan")
 
     return {"clients": clients, "ok": done_in_window, "statuses": statuses,
-            "throughput": round(done_in_window / duration_s, 1),
+            "images_per_request": images_per_request,
+            "throughput": round(done_in_window * images_per_request / duration_s, 1),
             "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99)}
 
 
 # ---- request bodies -----------------------------------------------------------------------------
 @torch.inference_mode()
-def request_makers(model: str, bundle) -> dict:
+def request_makers(model: str, bundle, per_request: int = 1) -> dict:
+    """Request builders; /encode and /decode carry `per_request` images (multipart files,
+    a list of grids), /generate always n=1."""
     cfg = bundle.vqvae.config
     rows, cols = cfg.grid
     k = cfg.codebook_size
@@ -143,11 +146,21 @@ def request_makers(model: str, bundle) -> dict:
         body = {"model": model, "n": 1, "label": rng.randrange(10), "seed": rng.randrange(2**31)}
         return "POST", "/generate", json.dumps(body).encode(), "application/json"
 
+    boundary = "taming-bench-boundary"
+
     def encode(rng: random.Random):
-        return "POST", f"/encode?model={model}", rng.choice(pngs), "image/png"
+        if per_request == 1:
+            return "POST", f"/encode?model={model}", rng.choice(pngs), "image/png"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+                 f'filename="{i}.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
+                 + rng.choice(pngs) + b"\r\n" for i in range(per_request)]
+        return ("POST", f"/encode?model={model}", b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                f"multipart/form-data; boundary={boundary}")
 
     def decode(rng: random.Random):
-        body = {"model": model, "tokens": rng.choice(grids)}
+        tokens = rng.choice(grids) if per_request == 1 else [rng.choice(grids)
+                                                             for _ in range(per_request)]
+        body = {"model": model, "tokens": tokens}
         return "POST", "/decode", json.dumps(body).encode(), "application/json"
 
     return {"generate": generate, "encode": encode, "decode": decode}
@@ -232,18 +245,19 @@ async def run_server(label: str, env: dict[str, str], makers: dict, ops: list[st
             for c in clients:
                 before = batch_stats(await server.metrics(), op, model)
                 cpu0 = server.cpu_s()
+                per = 1 if op == "generate" else args.images_per_request
                 r = await load_level("127.0.0.1", server.port, makers[op], c, args.warmup,
-                                     args.duration)
+                                     args.duration, per)
                 cpu = server.cpu_s() - cpu0  # warm-up included: per request over all of them
                 after = batch_stats(await server.metrics(), op, model)
                 n = after[1] - before[1]
                 r.update(op=op, mean_batch=round((after[0] - before[0]) / n, 1) if n else None,
-                         server_cpu_ms_per_request=round(1000 * cpu / max(1.0, after[0] - before[0]),
-                                                         2))
+                         server_cpu_ms_per_image=round(1000 * cpu / max(1.0, after[0] - before[0]),
+                                                       2))
                 rows.append(r)
                 print(f"  [{label}] {op:8s} clients={c:4d} {r['throughput']:8.1f}/s "
                       f"p50={r['p50_ms']:8.2f} p99={r['p99_ms']:8.2f} ms "
-                      f"batch={r['mean_batch']} cpu/req={r['server_cpu_ms_per_request']} ms "
+                      f"batch={r['mean_batch']} cpu/img={r['server_cpu_ms_per_image']} ms "
                       f"statuses={r['statuses']}", flush=True)
         return {"label": label, "env": env, "levels": rows, "memory": server.rss_mb()}
     finally:
@@ -308,7 +322,8 @@ def ceiling(bundle, ops: list[str], sizes: list[int], device: str, min_s: float 
 async def amain(args) -> dict:
     ops = args.ops.split(",")
     clients = [int(c) for c in args.clients.split(",")]
-    makers = request_makers(args.model, load_bundle(ROOT / "checkpoints" / args.model, device="cpu"))
+    makers = request_makers(args.model, load_bundle(ROOT / "checkpoints" / args.model, device="cpu"),
+                            args.images_per_request)
     bundle = load_bundle(ROOT / "checkpoints" / args.model, device=args.device)
     print(f"in-process ceiling ({args.model}, torch threads {torch.get_num_threads()})", flush=True)
     sizes = sorted({min(c, args.max_batch_size) for c in clients})
@@ -356,6 +371,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per level")
     ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
     ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--images-per-request", type=int, default=1,
+                    help="images per /encode and /decode request (multipart files, grids)")
     ap.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the server")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args()

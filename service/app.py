@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__, errors, logs
+from .deps import require_api_key
 from .middleware import RequestMiddleware
 from .registry import ModelEntry
 from .routers import decode, encode, generate, health
@@ -50,9 +51,11 @@ def create_app(settings: Settings | None = None,
                   description=DESCRIPTION, lifespan=lifespan)
     app.state.service = svc
     errors.install(app)
-    for r in (generate.router, encode.router, decode.router, models_router.router,
-              health.router):
-        app.include_router(r)
+    # the key check exists only where keys do: a server without keys pays nothing for it
+    auth = [Depends(require_api_key)] if settings.api_keys else []
+    for r in (generate.router, encode.router, decode.router, models_router.router):
+        app.include_router(r, dependencies=auth)
+    app.include_router(health.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],

@@ -363,6 +363,18 @@ def test_api_keys_protect_inference_not_health():
         assert c.get("/healthz").status_code == 200
 
 
+def test_inference_asks_for_the_bearer_key_only_when_keys_are_set(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not any("security" in paths[p]["post"] for p in ("/generate", "/encode", "/decode"))
+    s = settings(**tiny_models("mnist"), api_keys="k1", warmup=False)
+    with TestClient(create_app(s)) as c:
+        schema = c.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path in ("/generate", "/encode", "/decode"):
+        assert schema["paths"][path]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+
+
 def test_cors_off_by_default_and_on_when_configured(client):
     r = client.get("/healthz", headers={"Origin": "https://example.com"})
     assert "access-control-allow-origin" not in r.headers

@@ -7,16 +7,16 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Request
 from starlette.responses import Response
 
-from ..deps import ServiceDep, require_api_key
+from ..deps import service_of
 from ..errors import invalid
 from ..imaging import decode_json
 from ..schemas import DecodeRequest, DecodeResponse
 from . import PNG_CONTENT, errors, images_response
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
 EXAMPLES = {
     "one": {"summary": "One 7x7 grid",
@@ -65,8 +65,9 @@ def check_grids(tokens: list, codebook_size: int, max_grid: int, max_images: int
         "image/png (one image, or a tiled grid for several) with an X-Model header; "
         "application/json when the Accept header asks for it.")},
                **errors(401, 404, 413, 422, 503, 504)})
-async def decode(request: Request, svc: ServiceDep,
+async def decode(request: Request,
                  body: Annotated[DecodeRequest, Body(openapi_examples=EXAMPLES)]) -> Response:
+    svc = service_of(request)
     entry = svc.model(body.model, request)
     s = svc.settings
     grids = check_grids(body.tokens, entry.codebook_size, s.max_grid, s.max_images)

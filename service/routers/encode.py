@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from ..deps import ServiceDep, require_api_key
+from ..deps import service_of
 from ..errors import ServiceError, invalid
 from ..imaging import MEDIA_TYPES, encode_json, header_pixels, prepare
 from ..schemas import MAX_NAME, EncodeResponse
 from . import errors
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 REQUEST_BODY = {"requestBody": {"required": True, "description": (
@@ -56,9 +56,10 @@ async def _read_uploads(request: Request, max_images: int) -> list[bytes]:
 
 @router.post("/encode", summary="Tokenize images", openapi_extra=REQUEST_BODY,
              response_model=EncodeResponse, responses=errors(401, 404, 413, 415, 422, 503, 504))
-async def encode(request: Request, svc: ServiceDep,
+async def encode(request: Request,
                  model: Annotated[str | None, Query(max_length=MAX_NAME, description=(
                      "Model name; default: the server's default model."))] = None) -> Response:
+    svc = service_of(request)
     entry = svc.model(model, request)
     blobs = await _read_uploads(request, svc.settings.max_images)
     x = await svc.offload(prepare, blobs, entry.channels, entry.image_size,

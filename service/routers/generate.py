@@ -7,19 +7,19 @@ from functools import partial
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Request
 from starlette.responses import Response
 
 from models.sampling import make_batch
 
-from ..deps import ServiceDep, require_api_key
+from ..deps import service_of
 from ..errors import invalid
 from ..imaging import generate_json
 from ..runners import GeneratePayload
 from ..schemas import GenerateRequest, GenerateResponse
 from . import PNG_CONTENT, errors, images_response
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
 EXAMPLES = {
     "digit": {"summary": "Four sevens, seeded",
@@ -53,9 +53,10 @@ def flat_prefix(prefix: list | None, cols: int) -> list[int] | None:
         "image/png (one image, or a tiled grid for n > 1) with X-Seed and X-Model headers; "
         "application/json when the Accept header asks for it.")},
                **errors(401, 404, 413, 422, 503, 504)})
-async def generate(request: Request, svc: ServiceDep,
+async def generate(request: Request,
                    body: Annotated[GenerateRequest | None, Body(openapi_examples=EXAMPLES)] = None
                    ) -> Response:
+    svc = service_of(request)
     req = body or GenerateRequest()
     entry = svc.model(req.model, request)
     if not entry.can_generate:

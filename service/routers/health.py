@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from ..deps import ServiceDep, require_metrics_key
+from ..deps import require_metrics_key, service_of
 from ..errors import error_response
 from ..schemas import ErrorBody, Health, Ready
 
@@ -23,7 +23,8 @@ async def healthz() -> Response:
 
 @router.get("/readyz", response_model=Ready, summary="Readiness: models loaded and warmed up",
             responses={503: {"model": ErrorBody, "description": "Starting or draining."}})
-async def readyz(svc: ServiceDep) -> Response:
+async def readyz(request: Request) -> Response:
+    svc = service_of(request)
     if svc.draining:
         return error_response(503, "draining", "the server is shutting down",
                               {"Retry-After": str(svc.settings.retry_after_s)})
@@ -39,6 +40,6 @@ async def readyz(svc: ServiceDep) -> Response:
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
                        401: {"model": ErrorBody, "description": (
                            "Missing or invalid API key (only with TAMING_PROTECT_METRICS).")}})
-async def metrics(svc: ServiceDep) -> Response:
-    body, content_type = svc.metrics.render()
+async def metrics(request: Request) -> Response:
+    body, content_type = service_of(request).metrics.render()
     return Response(body, media_type=content_type)
