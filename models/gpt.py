@@ -117,9 +117,14 @@ class CausalSelfAttention(nn.Module):
         if self.training:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
         else:
-            # plain math: for one query over a short cache it beats the fused CPU kernel
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, L, T)
-            y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+            # plain math: for one query over a short cache it beats the fused CPU kernel.
+            # `mask` is additive here (0 or -inf): scale, scores and mask are one baddbmm.
+            T = k.shape[2]
+            att = torch.baddbmm(mask, q.reshape(B * self.n_head, L, self.head_dim),
+                                k.reshape(B * self.n_head, T, self.head_dim).transpose(1, 2),
+                                alpha=1.0 / math.sqrt(self.head_dim))
+            y = torch.bmm(att.softmax(dim=-1), v.reshape(B * self.n_head, T, self.head_dim))
+            y = y.view(B, self.n_head, L, self.head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
@@ -161,6 +166,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.codebook_size, bias=False)
         # built once: the window mask and each position's target cell
         self.register_buffer("mask", window_mask(cfg.grid, cfg.window), persistent=False)
+        self.register_buffer("mask_bias", torch.zeros(cfg.seq_len, cfg.seq_len).masked_fill(
+            ~self.mask, float("-inf")), persistent=False)  # the same mask, additive (inference)
         pos = torch.arange(cfg.seq_len)
         self.register_buffer("pos_row", pos // cols, persistent=False)
         self.register_buffer("pos_col", pos % cols, persistent=False)
@@ -207,7 +214,8 @@ class GPT(nn.Module):
         x = self.tok_emb(idx) + self.row_emb(self.pos_row[input_pos]) + self.col_emb(
             self.pos_col[input_pos])
         x = self.drop(x)
-        mask = self.mask[input_pos] if cached else self.mask[input_pos][:, input_pos]
+        full = self.mask if self.training else self.mask_bias
+        mask = full[input_pos] if cached else full[input_pos][:, input_pos]
         for blk in self.blocks:
             x = blk(x, mask, input_pos if cached else None)
         logits = self.head(self.ln_f(x))

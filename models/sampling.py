@@ -96,14 +96,21 @@ def guide(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale[:, None] == 1, cond, guided)
 
 
+def filtering(batch: SamplingBatch, codebook_size: int) -> bool:
+    """Whether any row uses top-k or top-p (asked once per batch, not once per step)."""
+    return bool((batch.top_k < codebook_size).any() or (batch.top_p < 1).any())
+
+
 def choose(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
-           top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+           top_k: torch.Tensor, top_p: torch.Tensor, filtered: bool | None = None) -> torch.Tensor:
     """Pick one code per row by inverse CDF of u, in code-index order, over the
     temperature/top-k/top-p distribution. The order never depends on the other rows, so a
-    row's choice is the same in any batch."""
+    row's choice is the same in any batch. `filtered`: the answer of `filtering`, if known."""
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
     K = probs.shape[-1]
-    if bool((top_k < K).any() or (top_p < 1).any()):
+    if filtered is None:
+        filtered = bool((top_k < K).any() or (top_p < 1).any())
+    if filtered:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(K, device=probs.device)
         before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each rank
@@ -123,10 +130,12 @@ def _inputs(batch: SamplingBatch, guided: bool, null_id: int) -> torch.Tensor:
     return torch.cat([batch.class_ids, torch.full_like(batch.class_ids, null_id)])
 
 
-def _step_choice(logits: torch.Tensor, batch: SamplingBatch, t: int, guided: bool) -> torch.Tensor:
+def _step_choice(logits: torch.Tensor, batch: SamplingBatch, t: int, guided: bool,
+                 filtered: bool | None = None) -> torch.Tensor:
     if guided:
         logits = guide(logits, batch.cfg_scale)
-    picked = choose(logits, batch.uniforms[:, t], batch.temperature, batch.top_k, batch.top_p)
+    picked = choose(logits, batch.uniforms[:, t], batch.temperature, batch.top_k, batch.top_p,
+                    filtered)
     forced = batch.prefix[:, t]
     return torch.where(forced >= 0, forced, picked)
 
@@ -154,6 +163,7 @@ def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
     dev = next(model.parameters()).device
     batch = batch.to(dev)
     guided = bool((batch.cfg_scale != 1).any())
+    filtered = filtering(batch, cfg.codebook_size)
     B = len(batch)
     rows = 2 * B if guided else B
     model.setup_caches(rows)
@@ -166,11 +176,11 @@ def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
                        _dup(batch.prefix[:, :m], guided)], dim=1)
     logits = prefill(model, first, torch.arange(m + 1, device=dev))
     out[:, :m] = batch.prefix[:, :m]
-    out[:, m] = _step_choice(logits, batch, m, guided)
+    out[:, m] = _step_choice(logits, batch, m, guided, filtered)
+    positions = torch.arange(T, device=dev)
     for t in range(m + 1, T):
-        logits = decode_one_token(model, _dup(out[:, t - 1], guided),
-                                  torch.tensor([t], device=dev))
-        out[:, t] = _step_choice(logits, batch, t, guided)
+        logits = decode_one_token(model, _dup(out[:, t - 1], guided), positions[t: t + 1])
+        out[:, t] = _step_choice(logits, batch, t, guided, filtered)
     return out
 
 
