@@ -156,6 +156,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.compiled_step = None  # set by models.sampling.compile_sampler
         rows, cols = cfg.grid
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.row_emb = nn.Embedding(rows, cfg.d_model)

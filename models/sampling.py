@@ -153,6 +153,17 @@ def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor) -> torc
     return logits[:, -1]
 
 
+def compile_sampler(model: GPT, mode: str | None = None, dynamic: bool | None = None) -> None:
+    """torch.compile the one-token step `generate` repeats (prefill stays eager).
+
+    The step's shapes are fixed by the static cache, so it compiles once per batch size
+    (`dynamic=True`: once for all sizes, a little slower). Needs a C++ compiler on CPU;
+    mode="reduce-overhead" adds CUDA graphs on GPU. `generate` then picks the same tokens,
+    up to float rounding of the fused kernels.
+    """
+    model.compiled_step = torch.compile(decode_one_token, mode=mode, dynamic=dynamic)
+
+
 @torch.no_grad()
 def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
     """Batched sampling on the training grid -> codes (B, T). Uses the static KV cache."""
@@ -178,8 +189,9 @@ def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
     out[:, :m] = batch.prefix[:, :m]
     out[:, m] = _step_choice(logits, batch, m, guided, filtered)
     positions = torch.arange(T, device=dev)
+    step = getattr(model, "compiled_step", None) or decode_one_token
     for t in range(m + 1, T):
-        logits = decode_one_token(model, _dup(out[:, t - 1], guided), positions[t: t + 1])
+        logits = step(model, _dup(out[:, t - 1], guided), positions[t: t + 1])
         out[:, t] = _step_choice(logits, batch, t, guided, filtered)
     return out
 
