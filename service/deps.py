@@ -1,7 +1,7 @@
 """Shared request helpers: the service state, API-key checks and content negotiation.
 
 The API-key dependencies are attached by `create_app` only when TAMING_API_KEYS is set, so a
-server without keys pays nothing for them (and its schema shows no security scheme).
+server without keys pays nothing for them (and its schema asks no key of those routes).
 """
 
 from __future__ import annotations
