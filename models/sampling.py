@@ -130,14 +130,19 @@ def _inputs(batch: SamplingBatch, guided: bool, null_id: int) -> torch.Tensor:
     return torch.cat([batch.class_ids, torch.full_like(batch.class_ids, null_id)])
 
 
+def _pick(logits: torch.Tensor, u: torch.Tensor, forced: torch.Tensor, temperature: torch.Tensor,
+          top_k: torch.Tensor, top_p: torch.Tensor, cfg_scale: torch.Tensor, guided: bool,
+          filtered: bool | None) -> torch.Tensor:
+    if guided:
+        logits = guide(logits, cfg_scale)
+    picked = choose(logits, u, temperature, top_k, top_p, filtered)
+    return torch.where(forced >= 0, forced, picked)
+
+
 def _step_choice(logits: torch.Tensor, batch: SamplingBatch, t: int, guided: bool,
                  filtered: bool | None = None) -> torch.Tensor:
-    if guided:
-        logits = guide(logits, batch.cfg_scale)
-    picked = choose(logits, batch.uniforms[:, t], batch.temperature, batch.top_k, batch.top_p,
-                    filtered)
-    forced = batch.prefix[:, t]
-    return torch.where(forced >= 0, forced, picked)
+    return _pick(logits, batch.uniforms[:, t], batch.prefix[:, t], batch.temperature,
+                 batch.top_k, batch.top_p, batch.cfg_scale, guided, filtered)
 
 
 @torch.no_grad()
@@ -158,10 +163,27 @@ def compile_sampler(model: GPT, mode: str | None = None, dynamic: bool | None = 
 
     The step's shapes are fixed by the static cache, so it compiles once per batch size
     (`dynamic=True`: once for all sizes, a little slower). Needs a C++ compiler on CPU;
-    mode="reduce-overhead" adds CUDA graphs on GPU. `generate` then picks the same tokens,
-    up to float rounding of the fused kernels.
+    mode="reduce-overhead" adds CUDA graphs on GPU. The weights are frozen into the graph:
+    compile again after changing them. `generate` then picks the same tokens, up to float
+    rounding of the fused kernels.
     """
-    model.compiled_step = torch.compile(decode_one_token, mode=mode, dynamic=dynamic)
+    options = {"freezing": True}  # weights become constants: prepacked matmuls on CPU
+    if mode == "reduce-overhead":
+        options["triton.cudagraphs"] = True
+    elif mode is not None:
+        raise ValueError(f"unsupported mode {mode!r}: None or 'reduce-overhead'")
+    model.compiled_step = torch.compile(decode_step, dynamic=dynamic, options=options)
+
+
+def decode_step(model: GPT, token: torch.Tensor, pos: torch.Tensor, u: torch.Tensor,
+                forced: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, cfg_scale: torch.Tensor, guided: bool,
+                filtered: bool) -> torch.Tensor:
+    """One step of `generate`: forward one token per row through the cache, then pick the
+    next code. One function, so torch.compile fuses the sampling arithmetic too. The step
+    index enters only through tensors (pos, u, forced): one graph serves every step."""
+    return _pick(decode_one_token(model, token, pos), u, forced, temperature, top_k, top_p,
+                 cfg_scale, guided, filtered)
 
 
 @torch.no_grad()
@@ -189,10 +211,11 @@ def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
     out[:, :m] = batch.prefix[:, :m]
     out[:, m] = _step_choice(logits, batch, m, guided, filtered)
     positions = torch.arange(T, device=dev)
-    step = getattr(model, "compiled_step", None) or decode_one_token
+    step = model.compiled_step or decode_step
     for t in range(m + 1, T):
-        logits = step(model, _dup(out[:, t - 1], guided), positions[t: t + 1])
-        out[:, t] = _step_choice(logits, batch, t, guided, filtered)
+        out[:, t] = step(model, _dup(out[:, t - 1], guided), positions[t: t + 1],
+                         batch.uniforms[:, t], batch.prefix[:, t], batch.temperature,
+                         batch.top_k, batch.top_p, batch.cfg_scale, guided, filtered)
     return out
 
 
