@@ -162,11 +162,7 @@ class Engine:
             self.metrics.rejected.labels("draining").inc()
             raise ServiceError(503, "draining", "the server is shutting down",
                                {"Retry-After": self.retry_after})
-        if self.queued_images and self.queued_images + size > self.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ServiceError(503, "overloaded",
-                               f"the queue is full ({self.queued_images} images waiting)",
-                               {"Retry-After": self.retry_after})
+        self.check_room(size)
         loop = self._loop
         now = loop.time()
         key = (runner.model, runner.operation, shape)
@@ -181,6 +177,18 @@ class Engine:
         if self._waiting_on is None or self._waiting_on is q:
             self._wake()  # idle, or filling this queue: check whether the batch can close
         return job
+
+    def check_room(self, size: int = 1) -> None:
+        """503 when the queue cannot take `size` more images (one job may always run alone).
+
+        Handlers call it before parsing and decoding a body as well: under a retry storm a
+        refusal then costs microseconds, not the work of an answer nobody will get.
+        """
+        if self.queued_images and self.queued_images + size > self.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ServiceError(503, "overloaded",
+                               f"the queue is full ({self.queued_images} images waiting)",
+                               {"Retry-After": self.retry_after})
 
     async def result(self, job: Job) -> dict[str, np.ndarray]:
         try:

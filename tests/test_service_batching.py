@@ -361,6 +361,29 @@ def test_full_queue_over_http_is_503_with_retry_after():
     run(main())
 
 
+def test_a_full_queue_refuses_before_reading_the_body():
+    """Under a retry storm a refusal must be cheap: no multipart parsing, no image decoding."""
+    app = create_app(settings(**tiny_models("mnist"), max_queue=2, eager_batching=False,
+                              max_wait_ms=1500))
+
+    async def main():
+        async with async_client(app) as c:
+            first = asyncio.ensure_future(c.post("/generate", json={"seed": 1, "n": 2}))
+            await asyncio.sleep(0.3)
+            # bodies that would be 422 if they were read: the queue answers first
+            assert_error(await c.post("/encode", content=b"not an image",
+                                      headers={"content-type": "image/png"}), 503, "overloaded")
+            assert_error(await c.post("/decode", json={"tokens": [[99999]]}), 503, "overloaded")
+            assert_error(await c.post("/generate", json={"label": 99}), 503, "overloaded")
+            assert (await first).status_code == 200
+            # with room again, the same bodies get their own answers
+            assert_error(await c.post("/encode", content=b"not an image",
+                                      headers={"content-type": "image/png"}), 422)
+            text = (await c.get("/metrics")).text
+            assert metric(text, "taming_rejected_total", reason="queue_full") == 3
+    run(main())
+
+
 def test_passed_deadline_over_http_is_504():
     app = create_app(settings(**tiny_models("mnist"), request_timeout_s=0.2, eager_batching=False,
                               max_wait_ms=3000))

@@ -69,6 +69,7 @@ async def decode(request: Request,
                  body: Annotated[DecodeRequest, Body(openapi_examples=EXAMPLES)]) -> Response:
     svc = service_of(request)
     entry = svc.model(body.model, request)
+    svc.engine.check_room()
     s = svc.settings
     grids = check_grids(body.tokens, entry.codebook_size, s.max_grid, s.max_images)
     shape = tuple(grids.shape[1:])

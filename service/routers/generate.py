@@ -62,6 +62,7 @@ async def generate(request: Request,
     if not entry.can_generate:
         raise invalid(f"model {entry.name!r} has no trained transformer; it can only "
                       "/encode and /decode", "generator_unavailable")
+    svc.engine.check_room(req.n)
     mr, mc = entry.grid
     grid = (mr, mc)
     if req.grid is not None:
