@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.images import png_bytes, tile
+from models.images import PNG_SIGNATURE, png_bytes, tile
 
 from .errors import ServiceError
 
@@ -109,9 +109,6 @@ def fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
         canvas.paste(im, ((cw - w) // 2, (ch - h) // 2))
         im = canvas
     return im.resize((W, H), Image.Resampling.LANCZOS, reducing_gap=3.0)
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def header_pixels(blobs: list[bytes]) -> int | None:
