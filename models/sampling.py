@@ -96,9 +96,9 @@ def guide(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale[:, None] == 1, cond, guided)
 
 
-def filtering(batch: SamplingBatch, codebook_size: int) -> bool:
-    """Whether any row uses top-k or top-p (asked once per batch, not once per step)."""
-    return bool((batch.top_k < codebook_size).any() or (batch.top_p < 1).any())
+def filtering(top_k: torch.Tensor, top_p: torch.Tensor, codebook_size: int) -> bool:
+    """Whether any row uses top-k or top-p (`generate` asks once per batch, not per step)."""
+    return bool((top_k < codebook_size).any() or (top_p < 1).any())
 
 
 def choose(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
@@ -109,7 +109,7 @@ def choose(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
     K = probs.shape[-1]
     if filtered is None:
-        filtered = bool((top_k < K).any() or (top_p < 1).any())
+        filtered = filtering(top_k, top_p, K)
     if filtered:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         rank = torch.arange(K, device=probs.device)
@@ -196,7 +196,7 @@ def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
     dev = next(model.parameters()).device
     batch = batch.to(dev)
     guided = bool((batch.cfg_scale != 1).any())
-    filtered = filtering(batch, cfg.codebook_size)
+    filtered = filtering(batch.top_k, batch.top_p, cfg.codebook_size)
     B = len(batch)
     rows = 2 * B if guided else B
     model.setup_caches(rows)
