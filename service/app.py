@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__, errors, logs
 from .deps import require_api_key
+from .direct import DirectRoutes
 from .middleware import RequestMiddleware
 from .registry import ModelEntry
 from .routers import decode, encode, generate, health
@@ -56,6 +57,8 @@ def create_app(settings: Settings | None = None,
     for r in (generate.router, encode.router, decode.router, models_router.router):
         app.include_router(r, dependencies=auth)
     app.include_router(health.router)
+    if settings.direct_routes:  # innermost: CORS and the request layer still wrap it
+        app.add_middleware(DirectRoutes, service=svc)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],

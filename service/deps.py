@@ -25,11 +25,18 @@ def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
-def _check_key(svc: Service, creds: HTTPAuthorizationCredentials | None) -> None:
+def bearer_token(request: Request) -> str | None:
+    """The token of `Authorization: Bearer <token>`, read as HTTPBearer reads it."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def check_key(svc: Service, token: str | None) -> None:
     keys = svc.settings.api_keys
     if not keys:
         return
-    given = creds.credentials.encode() if creds is not None else b""
+    given = token.encode() if token is not None else b""
     ok = False
     for k in keys:  # compare against every key: timing does not tell which matched
         ok |= hmac.compare_digest(given, k.encode())
@@ -41,7 +48,7 @@ def _check_key(svc: Service, creds: HTTPAuthorizationCredentials | None) -> None
 async def require_api_key(
         request: Request,
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    _check_key(service_of(request), creds)
+    check_key(service_of(request), creds.credentials if creds is not None else None)
 
 
 async def require_metrics_key(
@@ -49,7 +56,7 @@ async def require_metrics_key(
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     svc = service_of(request)
     if svc.settings.protect_metrics:
-        _check_key(svc, creds)
+        check_key(svc, creds.credentials if creds is not None else None)
 
 
 def wants_json(request: Request) -> bool:

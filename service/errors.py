@@ -55,7 +55,7 @@ def describe_validation(errors: list[dict]) -> str:
         if e.get("type") == "json_invalid":
             return f"body is not valid JSON ({e.get('ctx', {}).get('error', 'parse error')})"
         where = _location(tuple(e.get("loc", ())))
-        if where == "body" and e.get("type") in ("model_attributes_type", "dict_type"):
+        if where == "body" and e.get("type") in ("model_attributes_type", "model_type", "dict_type"):
             return "the body must be a JSON object, sent with Content-Type: application/json"
         out.setdefault(where, e.get("msg", "invalid"))
     shown = list(out.items())[:3]

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from models.checkpoint import CONFIG, Bundle, CheckpointError, load_bundle
 from models.sampling import make_batch, sample
+from models.vqvae import FrozenTokenizer
 
 from .settings import Settings
 
@@ -31,6 +33,11 @@ class ModelEntry:
     device: str
     defaults: dict
     info: dict = field(default_factory=dict)
+    tokenizer: Any = None  # encode/decode: a FrozenTokenizer, or the eager VQ-VAE
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = self.bundle.vqvae
 
     @property
     def can_generate(self) -> bool:
@@ -143,7 +150,9 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
             raise CheckpointError(f"{folder / CONFIG}: sampling_defaults is not an object")
         defaults.update({k: v for k, v in shipped.items()
                          if k in FALLBACK_DEFAULTS and (v is not None or k == "top_k")})
-        entry = ModelEntry(name=name, bundle=bundle, device=device, defaults=defaults)
+        entry = ModelEntry(name=name, bundle=bundle, device=device, defaults=defaults,
+                           tokenizer=frozen_tokenizer(bundle.vqvae) if settings.torchscript
+                           else None)
         if entry.can_generate:
             try:  # the shipped defaults must be valid settings for this model
                 make_batch(bundle.gpt.config, 1, entry.grid, **{
@@ -157,10 +166,20 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
     return models
 
 
+def frozen_tokenizer(vq) -> Any:
+    """The VQ-VAE as TorchScript graphs; the eager model where this torch cannot trace it."""
+    try:
+        return FrozenTokenizer(vq)
+    except Exception as e:  # TorchScript is deprecated: a later torch may drop it
+        log.warning("serving the eager VQ-VAE: TorchScript tracing failed (%s: %s)",
+                    type(e).__name__, e)
+        return vq
+
+
 @torch.inference_mode()
 def warm_up(entry: ModelEntry, max_batch_size: int) -> None:
     """Run each operation once so the first request pays no first-call costs."""
-    vq = entry.bundle.vqvae
+    vq = entry.tokenizer
     c, (h, w) = entry.channels, entry.image_size
     dev = torch.device(entry.device)
     grid = vq.encode(torch.zeros(1, c, h, w, device=dev))

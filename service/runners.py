@@ -28,11 +28,12 @@ class GeneratePayload:
 
 class GenerateRunner:
     operation = "generate"
+    pipelined = False  # a batch samples for hundreds of ms: the next one keeps filling
 
     def __init__(self, entry: ModelEntry) -> None:
         self.model = entry.name
         self.gpt = entry.bundle.gpt
-        self.vqvae = entry.bundle.vqvae
+        self.tokenizer = entry.tokenizer
         self.device = torch.device(entry.device)
 
     def collate(self, payloads: list[GeneratePayload]) -> tuple[SamplingBatch, tuple[int, int]]:
@@ -51,16 +52,18 @@ class GenerateRunner:
         rows, grid = batch
         part = rows if (lo, hi) == (0, len(rows)) else rows.rows(lo, hi)
         tokens = sample(self.gpt, part, grid)
-        images = self.vqvae.decode(tokens.view(-1, *grid).to(self.device))
+        images = self.tokenizer.decode(tokens.view(-1, *grid).to(self.device))
         return {"images": to_uint8(images), "tokens": tokens.cpu().numpy()}
 
 
 class _TokenizerRunner:
     """Shared by encode and decode: both batch tensors along the first axis."""
 
+    pipelined = True  # tens of ms per batch: the next one waits on the device thread
+
     def __init__(self, entry: ModelEntry) -> None:
         self.model = entry.name
-        self.vqvae = entry.bundle.vqvae
+        self.tokenizer = entry.tokenizer
         self.device = torch.device(entry.device)
 
     def collate(self, payloads: list[torch.Tensor]) -> torch.Tensor:
@@ -72,14 +75,14 @@ class EncodeRunner(_TokenizerRunner):
     operation = "encode"
 
     def run(self, batch: torch.Tensor, lo: int, hi: int) -> dict[str, np.ndarray]:
-        return {"tokens": self.vqvae.encode(batch[lo:hi]).cpu().numpy()}
+        return {"tokens": self.tokenizer.encode(batch[lo:hi]).cpu().numpy()}
 
 
 class DecodeRunner(_TokenizerRunner):
     operation = "decode"
 
     def run(self, batch: torch.Tensor, lo: int, hi: int) -> dict[str, np.ndarray]:
-        return {"images": to_uint8(self.vqvae.decode(batch[lo:hi]))}
+        return {"images": to_uint8(self.tokenizer.decode(batch[lo:hi]))}
 
 
 def runners_for(entry: ModelEntry) -> dict[str, object]:

@@ -37,6 +37,16 @@ class Settings(BaseSettings):
         "torch intra-op threads of the model worker; 0: one less than the CPU cores (at least "
         "1), so the event loop keeps a core (on 2 cores, 2 threads made /generate 3x slower)."))
     warmup: bool = Field(True, description="Run every model once before /readyz turns 200.")
+    torchscript: bool = Field(True, description=(
+        "Run /encode and /decode (and /generate's final decode) through frozen TorchScript "
+        "graphs of the VQ-VAE: same outputs, and the model thread no longer queues for the "
+        "GIL after every op while the event loop is busy. Off: eager PyTorch."))
+    switch_interval_ms: float = Field(0.2, gt=0, le=100, description=(
+        "Python's thread switch interval (sys.setswitchinterval; Python's default is 5 ms). "
+        "Shorter hands the GIL back to the model thread sooner when the event loop is busy."))
+    direct_routes: bool = Field(True, description=(
+        "Serve POST /generate, /encode and /decode from the ASGI layer, past FastAPI's "
+        "routing and dependency solving (same handlers, same answers, less CPU per request)."))
 
     # batching engine
     max_batch_size: int = Field(64, ge=1, description=(

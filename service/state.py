@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,6 +47,7 @@ class Service:
     # ---- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        sys.setswitchinterval(s.switch_interval_ms / 1000)  # process-wide, like the GIL
         if not self._preloaded:
             self.models = await asyncio.to_thread(load_models, s)
         if self.default_model not in self.models:

@@ -1,5 +1,9 @@
 """Every bad input gets its status and the one error shape, and nothing else changes.
-(Tiny models: validation does not depend on trained weights.)"""
+(Tiny models: validation does not depend on trained weights.)
+
+Each test runs twice: with the direct routes (the default hot path) and with FastAPI serving
+/generate, /encode and /decode (TAMING_DIRECT_ROUTES=false); a parity test compares them.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,14 @@ from service_helpers import assert_error, png_of, settings, tiny_models
 from service.app import create_app
 
 
-@pytest.fixture(scope="module")
-def client():
-    s = settings(**tiny_models("mnist", "fashion-mnist"), max_body_bytes=64 * 1024,
-                 max_image_pixels=100 * 100, max_images=4, max_grid=12)
-    with TestClient(create_app(s)) as c:
+def _limited(direct: bool):
+    return settings(**tiny_models("mnist", "fashion-mnist"), max_body_bytes=64 * 1024,
+                    max_image_pixels=100 * 100, max_images=4, max_grid=12, direct_routes=direct)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["direct", "fastapi"])
+def client(request):
+    with TestClient(create_app(_limited(request.param))) as c:
         yield c
 
 
@@ -204,3 +211,37 @@ def test_header_pixels_reads_sizes_without_decoding():
                           encoded(9, 4, "WEBP")]) == 600 + 35 + 36
     assert header_pixels([_png_header(10_000, 10_000)]) == 10**8
     assert header_pixels([encoded(3, 3, "PNG"), b"not an image"]) is None
+
+
+PARITY = [
+    *[("POST", "/generate", {"json": b}) for b, _ in BAD_GENERATE],
+    *[("POST", "/decode", {"json": b}) for b, _ in BAD_DECODE],
+    *[("POST", path, {"content": raw, "headers": {"content-type": "application/json"}})
+      for path in ("/generate", "/decode")
+      for raw in ("not json", "{", "[1, 2]", "3", '"s"', '{"temperature": NaN}', b"\xff",
+                  "[" * 5000 + "]" * 5000)],
+    ("POST", "/decode", {"content": b"", "headers": {"content-type": "application/json"}}),
+    ("POST", "/generate", {"content": b'{"seed": 1}', "headers": {"content-type": "text/plain"}}),
+    ("POST", "/decode", {"content": b'{"tokens": [[1]]}',
+                         "headers": {"content-type": "text/plain"}}),
+    ("POST", "/generate", {"json": {"model": "cifar"}}),
+    ("POST", "/encode?model=" + "m" * 129, {"content": b"x",
+                                            "headers": {"content-type": "image/png"}}),
+    ("POST", "/encode?model=cifar", {"content": b"x", "headers": {"content-type": "image/png"}}),
+    ("POST", "/encode", {"content": b"hello", "headers": {"content-type": "image/png"}}),
+    ("POST", "/encode", {"content": b"hello", "headers": {"content-type": "text/plain"}}),
+    ("GET", "/generate", {}),
+]
+
+
+def test_direct_routes_answer_as_fastapi_does():
+    """Status, headers that matter and the error body are the same on both paths."""
+    with TestClient(create_app(_limited(True))) as direct, \
+            TestClient(create_app(_limited(False))) as routed:
+        for method, path, kw in PARITY:
+            a, b = direct.request(method, path, **kw), routed.request(method, path, **kw)
+            assert (a.status_code, a.json()) == (b.status_code, b.json()), (path, kw)
+            assert a.status_code >= 400 and a.headers.get("allow") == b.headers.get("allow")
+        ok = {"model": "mnist", "tokens": [[3] * 7] * 7}
+        a, b = direct.post("/decode", json=ok), routed.post("/decode", json=ok)
+        assert a.status_code == b.status_code == 200 and a.content == b.content

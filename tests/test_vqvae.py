@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.vqvae import VQVAE, VectorQuantizer, VQVAEConfig
+from models.vqvae import VQVAE, FrozenTokenizer, VectorQuantizer, VQVAEConfig
 
 
 def small_cfg(**kw) -> VQVAEConfig:
@@ -115,3 +115,21 @@ def test_rgb_and_bad_configs():
         VQVAEConfig(channels=2)
     with pytest.raises(ValueError):
         m.decode(torch.tensor([[[16]]]))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_frozen_tokenizer_matches_eager_for_any_batch_and_grid(channels):
+    torch.manual_seed(0)
+    vq = VQVAE(VQVAEConfig(channels=channels, widths=(8, 16, 16), codebook_size=32, code_dim=4))
+    vq.quantizer.embed.normal_()
+    vq.train()
+    frozen = FrozenTokenizer(vq)  # traced at batch 2 on a 7x7 grid
+    assert vq.training  # the caller's mode is left alone
+    vq.eval()
+    with torch.inference_mode():
+        for shape in [(1, 7, 7), (5, 7, 7), (3, 7, 14), (2, 9, 4)]:
+            tokens = torch.randint(0, 32, shape)
+            images = vq.decode(tokens)
+            assert torch.equal(frozen.decode(tokens), images), shape
+            assert torch.equal(frozen.encode(images), vq.encode(images)), shape
+            assert frozen.encode(images).dtype == torch.int64
