@@ -126,6 +126,7 @@ class Engine:
         self._waiting_on: _Queue | None = None
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Future] = set()
+        self._last_jobs = 1  # requests in the last batch: 1 looks like a lone client
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"taming-{device}",
@@ -277,13 +278,17 @@ class Engine:
                 await self._sleep(None)  # until a job arrives or a batch comes back
                 continue
             head = q.jobs[0]
-            # let the batch fill: until full, or max_wait after its first job arrived
+            # let the batch fill: until full, or max_wait after its first job arrived. Close
+            # early for a lone client: nothing more on its way, the device idle, and the last
+            # batch one request. (Under load, requests still in socket buffers count as
+            # nothing on its way, and closing early made batches of two or three.)
             self._waiting_on = q
             try:
                 while (q.images < self.max_batch_size and self.accepting and q.jobs
                        and q.jobs[0] is head):
                     left = head.arrival + self.max_wait - loop.time()
-                    if left <= 0 or (self.arrivals is not None and self.arrivals.n <= 0):
+                    if left <= 0 or (self.arrivals is not None and self.arrivals.n <= 0
+                                     and not self._running and self._last_jobs <= 1):
                         break
                     await self._sleep(left)
             finally:
@@ -339,6 +344,7 @@ class Engine:
     def _launch(self, q: _Queue, jobs: list[Job]) -> None:
         """Hand a batch to the device thread; its results are delivered by a callback, so
         the worker is free to form the next batch meanwhile."""
+        self._last_jobs = len(jobs)
         for j in jobs:
             j.batch_size = sum(x.size for x in jobs)
         fut = self._loop.run_in_executor(self._thread, self._timed_compute, jobs)
