@@ -33,6 +33,21 @@ sliding-window attention, behind dynamic batching.
 """
 
 
+class TamingApp(FastAPI):
+    """FastAPI, with the layers this service owns outside FastAPI's own middleware stack:
+    the request layer (ids, body limit, metrics, access log), CORS when configured, then the
+    direct routes. Only what the direct routes do not serve goes on into FastAPI's stack,
+    whose error and telemetry layers cost a /encode about a sixth of its event-loop time."""
+
+    outer_layers: list[tuple[type, dict]] = []  # outermost first
+
+    def build_middleware_stack(self):
+        app = super().build_middleware_stack()
+        for cls, kwargs in reversed(self.outer_layers):
+            app = cls(app, **kwargs)
+        return app
+
+
 def create_app(settings: Settings | None = None,
                models: dict[str, ModelEntry] | None = None) -> FastAPI:
     """Build the app. `models` lets a caller pass checkpoints it already loaded."""
@@ -48,8 +63,8 @@ def create_app(settings: Settings | None = None,
         finally:
             await svc.stop()
 
-    app = FastAPI(title="Taming Transformers server", version=__version__,
-                  description=DESCRIPTION, lifespan=lifespan)
+    app = TamingApp(title="Taming Transformers server", version=__version__,
+                    description=DESCRIPTION, lifespan=lifespan)
     app.state.service = svc
     errors.install(app)
     # the key check exists only where keys do: a server without keys pays nothing for it
@@ -57,14 +72,15 @@ def create_app(settings: Settings | None = None,
     for r in (generate.router, encode.router, decode.router, models_router.router):
         app.include_router(r, dependencies=auth)
     app.include_router(health.router)
-    if settings.direct_routes:  # innermost: CORS and the request layer still wrap it
-        app.add_middleware(DirectRoutes, service=svc)
+    layers: list[tuple[type, dict]] = [(RequestMiddleware, {
+        "metrics": svc.metrics, "max_body_bytes": settings.max_body_bytes,
+        "arrivals": svc.arrivals})]
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "Accept",
-                                          "X-Request-ID"],
-                           expose_headers=["X-Seed", "X-Model", "X-Request-ID"])
-    app.add_middleware(RequestMiddleware, metrics=svc.metrics,
-                       max_body_bytes=settings.max_body_bytes, arrivals=svc.arrivals)
+        layers.append((CORSMiddleware, {
+            "allow_origins": settings.cors_origins, "allow_methods": ["GET", "POST"],
+            "allow_headers": ["Authorization", "Content-Type", "Accept", "X-Request-ID"],
+            "expose_headers": ["X-Seed", "X-Model", "X-Request-ID"]}))
+    if settings.direct_routes:
+        layers.append((DirectRoutes, {"service": svc}))
+    app.outer_layers = layers
     return app
