@@ -63,8 +63,10 @@ def create_app(settings: Settings | None = None,
         finally:
             await svc.stop()
 
+    otel = settings.opentelemetry
     app = TamingApp(title="Taming Transformers server", version=__version__,
-                    description=DESCRIPTION, lifespan=lifespan)
+                    description=DESCRIPTION, lifespan=lifespan,
+                    telemetry={"tracing": otel, "metrics": otel, "logs": otel})
     app.state.service = svc
     errors.install(app)
     # the key check exists only where keys do: a server without keys pays nothing for it

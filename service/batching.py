@@ -4,7 +4,10 @@ Requests become `Job`s in a queue keyed by (model, operation, shape): only jobs 
 stack (same generate grid, same decode grid) share a batch. The worker, an asyncio task,
 picks the queue whose oldest job waited longest, lets the batch fill until it holds
 `max_batch_size` images or `max_wait_ms` passed since that job arrived, and runs it on the
-device's single thread under `torch.inference_mode()`; the event loop never runs model work.
+device's threads (TAMING_DEVICE_WORKERS, each computing a batch of its own; a generate batch
+always runs alone: the transformer has one KV cache) under `torch.inference_mode()`; the event
+loop never runs model work. One more batch than there are threads waits ready, so a thread
+never idles while the event loop sends the previous batch's answers.
 
 Admission: a bounded queue (`max_queue` images over all queues: 503 past it), a deadline per
 job (504 when it passes while queued), jobs whose client went away are dropped before compute,
@@ -35,12 +38,12 @@ from .metrics import Metrics
 log = logging.getLogger("taming.batching")
 
 QUEUED, TAKEN, DONE = "queued", "taken", "done"
-# batches handed to the device thread at once: one computing, the next one waiting. Results
-# come back through the event loop, which may first have dozens of answers to send; with one
-# batch at a time the device idled through all of that (45% of the time, /encode at 64
-# clients on 2 cores). Runners whose batches run long (generate) opt out: the gap is small
+# Batches handed to the device threads beyond one per thread: the next one waits there, ready.
+# Results come back through the event loop, which may first have dozens of answers to send;
+# with one batch at a time the device idled through all of that (45% of the time, /encode at
+# 64 clients on 2 cores). Runners whose batches run long (generate) opt out: the gap is small
 # beside them, and a batch formed early would be a smaller one.
-PIPELINE = 2
+PIPELINE_EXTRA = 1
 
 
 class Runner(Protocol):
@@ -52,7 +55,7 @@ class Runner(Protocol):
 
     operation: str
     model: str
-    pipelined: bool  # may be handed to the thread while another batch still computes
+    pipelined: bool  # may be handed over while other batches compute, and run beside them
 
     def collate(self, payloads: list[Any]) -> Any: ...
 
@@ -104,7 +107,8 @@ class Engine:
     def __init__(self, metrics: Metrics, *, device: str = "cpu", max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, max_queue: int = 512, timeout_s: float = 30.0,
                  retry_after_s: int = 1, fault_oom_above: int = 0, torch_threads: int = 0,
-                 arrivals: Arrivals | None = None, gone_check_after_s: float = 0.05) -> None:
+                 arrivals: Arrivals | None = None, gone_check_after_s: float = 0.05,
+                 workers: int = 1) -> None:
         self.metrics = metrics
         self.gone_check_after = gone_check_after_s
         self.arrivals = arrivals  # None: always wait the full max_wait for company
@@ -129,7 +133,9 @@ class Engine:
         self._last_jobs = 1  # requests in the last batch: 1 looks like a lone client
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"taming-{device}",
+        self.workers = workers
+        self._thread = ThreadPoolExecutor(max_workers=workers,
+                                          thread_name_prefix=f"taming-{device}",
                                           initializer=self._init_thread)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -139,7 +145,7 @@ class Engine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._slots = asyncio.Semaphore(PIPELINE)
+        self._slots = asyncio.Semaphore(self.workers + PIPELINE_EXTRA)
         self._task = asyncio.create_task(self._work(), name=f"taming-worker-{self.device}")
 
     async def call(self, fn: Callable, *args: Any) -> Any:
@@ -269,7 +275,7 @@ class Engine:
     async def _work(self) -> None:
         loop = self._loop
         while True:
-            await self._slots.acquire()  # at most PIPELINE batches handed to the thread
+            await self._slots.acquire()  # at most workers + PIPELINE_EXTRA batches handed over
             q = self._oldest()
             if q is None or (self._running and not getattr(q.jobs[0].runner, "pipelined", True)):
                 self._slots.release()

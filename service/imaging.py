@@ -12,6 +12,9 @@ Upload policy (POST /encode), applied in this order:
    then the image is converted to the model's channels (1: luma "L", 3: "RGB").
 7. Size: an image of another shape is padded with black to the model's aspect ratio (centred,
    nothing is cropped), then resized to the model's image size with Lanczos filtering.
+
+A plain PNG already at the model's size and channels (see models.images.simple_png_pixels)
+skips PIL: the steps above would not change a pixel of it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.images import PNG_SIGNATURE, png_bytes, tile
+from models.images import PNG_SIGNATURE, png_bytes, simple_png_pixels, tile
 
 from .errors import ServiceError
 
@@ -136,6 +139,10 @@ def prepare(blobs: list[bytes], channels: int, size: tuple[int, int],
     """Uploaded files -> float tensor (N, C, H, W) in [0, 1] for the tokenizer."""
     out = np.empty((len(blobs), size[0], size[1], channels), dtype=np.uint8)
     for i, data in enumerate(blobs):
+        plain = simple_png_pixels(data, channels, size)
+        if plain is not None:  # already what the model takes: the same pixels without PIL
+            out[i] = plain
+            continue
         try:
             im = open_checked(data, max_pixels)
         except ServiceError as e:

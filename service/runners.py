@@ -28,7 +28,9 @@ class GeneratePayload:
 
 class GenerateRunner:
     operation = "generate"
-    pipelined = False  # a batch samples for hundreds of ms: the next one keeps filling
+    # alone on the device: one KV cache per transformer, and a batch samples for hundreds of
+    # ms, so the next one may as well keep filling meanwhile
+    pipelined = False
 
     def __init__(self, entry: ModelEntry) -> None:
         self.model = entry.name
@@ -59,7 +61,7 @@ class GenerateRunner:
 class _TokenizerRunner:
     """Shared by encode and decode: both batch tensors along the first axis."""
 
-    pipelined = True  # tens of ms per batch: the next one waits on the device thread
+    pipelined = True  # stateless, tens of ms per batch: batches run side by side
 
     def __init__(self, entry: ModelEntry) -> None:
         self.model = entry.name

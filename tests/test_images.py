@@ -1,13 +1,16 @@
-"""The PNG writer and the tiler: what PIL (and so every browser) reads back is what we wrote."""
+"""The PNG writer, the plain-PNG reader and the tiler, each checked against PIL (and so
+against what every browser reads)."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from models.images import png_bytes, tile, to_uint8
+from models.images import png_bytes, simple_png_pixels, tile, to_uint8
 
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (7, 13, 3), (5, 9, 4), (1, 1, 1), (64, 80, 3)])
@@ -38,3 +41,75 @@ def test_a_tiled_grid_is_one_readable_png():
     assert np.array_equal(back[:28, 30:58], x[1, ..., 0])
     assert np.array_equal(back[30:58, 30:58], x[4, ..., 0])
     assert not back[30:58, 60:88].any()  # the empty sixth cell stays black
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png(a: np.ndarray, filters: list[int], extra: bytes = b"") -> bytes:
+    """A PNG of `a` (H, W, C) whose row y is filtered with filters[y] (0 None, 1 Sub, 2 Up)."""
+    h, w, c = a.shape
+    flat = a.reshape(h, w * c).astype(np.int16)
+    rows = []
+    for y, f in enumerate(filters):
+        if f == 0:
+            enc = flat[y]
+        elif f == 1:
+            enc = flat[y] - np.concatenate([np.zeros(c, np.int16), flat[y, :-c]])
+        else:
+            enc = flat[y] - (flat[y - 1] if y else 0)
+        rows.append(bytes([f]) + (enc % 256).astype(np.uint8).tobytes())
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, {1: 0, 3: 2}[c], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra
+            + _chunk(b"IDAT", zlib.compress(b"".join(rows))) + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_plain_png_reader_matches_pil(channels):
+    rng = np.random.default_rng(channels)
+    a = rng.integers(0, 256, (28, 28, channels), dtype=np.uint8)
+    filters = [int(f) for f in rng.integers(0, 3, 28)]
+    text = _chunk(b"tEXt", b"Comment\x00hello")
+    for data in (_png(a, filters), _png(a, filters, extra=text), png_bytes(a)):
+        got = simple_png_pixels(data, channels, (28, 28))
+        assert got is not None
+        pil = np.asarray(Image.open(io.BytesIO(data)))
+        assert np.array_equal(got, pil.reshape(got.shape)) and np.array_equal(got, a)
+    # whatever PIL itself writes: read the same, or left to PIL
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if channels == 1 else a).save(buf, format="PNG")
+    got = simple_png_pixels(buf.getvalue(), channels, (28, 28))
+    assert got is None or np.array_equal(got, a)
+
+
+def test_plain_png_reader_leaves_the_rest_to_pil():
+    a = np.random.default_rng(0).integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    good = _png(a, [0] * 28)
+    assert simple_png_pixels(good, 1, (28, 28)) is not None
+    others = {
+        "other size": simple_png_pixels(good, 1, (28, 27)),
+        "other channels": simple_png_pixels(good, 3, (28, 28)),
+        "transparency": simple_png_pixels(_png(a, [0] * 28, _chunk(b"tRNS", b"\x00\x00")),
+                                          1, (28, 28)),
+        "exif": simple_png_pixels(_png(a, [0] * 28, _chunk(b"eXIf", b"MM\x00*")), 1, (28, 28)),
+        "animation": simple_png_pixels(_png(a, [0] * 28, _chunk(b"acTL", bytes(8))), 1, (28, 28)),
+        "paeth row": simple_png_pixels(_paeth(a), 1, (28, 28)),
+        "bad crc": simple_png_pixels(good[:-5] + bytes([good[-5] ^ 1]) + good[-4:], 1, (28, 28)),
+        "truncated": simple_png_pixels(good[:-20], 1, (28, 28)),
+        "not png": simple_png_pixels(b"GIF89a" + bytes(64), 1, (28, 28)),
+    }
+    assert all(v is None for v in others.values()), [k for k, v in others.items() if v is not None]
+    Image.open(io.BytesIO(_paeth(a))).load()  # a valid PNG all the same
+
+
+def _paeth(a: np.ndarray) -> bytes:
+    """A valid PNG whose first row is declared Paeth-filtered."""
+    data = bytearray(_png(a, [0] * 28))
+    start = data.index(b"IDAT") + 4
+    n = int.from_bytes(data[start - 8:start - 4], "big")
+    raw = bytearray(zlib.decompress(bytes(data[start:start + n])))
+    raw[0] = 4
+    body = zlib.compress(bytes(raw))
+    return (bytes(data[:start - 8]) + _chunk(b"IDAT", body)
+            + _chunk(b"IEND", b""))

@@ -471,3 +471,38 @@ def test_eager_batching_over_http():
             count, total = _batches((await c.get("/metrics")).text)
             assert total == 9 and count <= 3, (count, total)
     run(main())
+
+
+class SpanRunner(FakeRunner):
+    """Records when each forward ran, to tell which overlapped."""
+
+    def __init__(self, name: str, delay: float, pipelined: bool) -> None:
+        super().__init__(delay)
+        self.model, self.pipelined = name, pipelined
+        self.spans: list[tuple[float, float]] = []
+
+    def run(self, batch, lo, hi):
+        t0 = time.monotonic()
+        out = super().run(batch, lo, hi)
+        self.spans.append((t0, time.monotonic()))
+        return out
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def test_workers_compute_batches_side_by_side_but_generate_alone():
+    async def main():
+        e = await _engine(max_batch_size=2, max_wait_ms=0, workers=2)
+        tok = SpanRunner("tok", 0.3, pipelined=True)
+        gen = SpanRunner("gen", 0.3, pipelined=False)
+        jobs = [_job(e, tok, [i, i]) for i in range(2)]  # two full batches at once
+        await asyncio.gather(*(e.result(j) for j in jobs))
+        assert _overlap(*tok.spans)  # side by side, not one after the other
+        jobs = [_job(e, gen, [1, 1]), _job(e, tok, [2, 2]), _job(e, gen, [3, 3])]
+        out = await asyncio.gather(*(e.result(j) for j in jobs))
+        assert [o["x"].tolist() for o in out] == [[2, 2], [4, 4], [6, 6]]
+        assert not _overlap(*gen.spans)  # never two generate batches at once
+        await e.close()
+    run(main())
