@@ -506,3 +506,18 @@ def test_workers_compute_batches_side_by_side_but_generate_alone():
         assert not _overlap(*gen.spans)  # never two generate batches at once
         await e.close()
     run(main())
+
+
+def test_a_batch_that_runs_alone_waits_a_tenth_of_its_run_for_company():
+    async def main():
+        e = await _engine(max_batch_size=8, max_wait_ms=0, arrivals=Arrivals())
+        gen = SpanRunner("gen", 0.5, pipelined=False)
+        first = [_job(e, gen, [1]), _job(e, gen, [2])]  # a batch of two: not a lone client
+        await asyncio.gather(*(e.result(j) for j in first))
+        a = _job(e, gen, [3])
+        await asyncio.sleep(0.02)  # past max_wait, well within 0.1 x 0.5 s
+        b = _job(e, gen, [4])
+        await asyncio.gather(e.result(a), e.result(b))
+        assert gen.calls == [2, 2]  # the latecomer joined the batch
+        await e.close()
+    run(main())
