@@ -80,16 +80,31 @@ async def open_loop(port: int, rate: float, seconds: float, timeout_s: float,
             "ok_max_ms": round(1000 * lat[-1], 1) if lat else None}
 
 
-async def probe_503(port: int) -> dict:
-    """One request while the queue is full: its status, and whether Retry-After came with it."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def probe_503(port: int, tries: int = 20) -> dict:
+    """`tries` requests 25 ms apart while the queue is full (it dips below its cap whenever a
+    batch is taken, so some are admitted): the status of a refused one, and whether
+    Retry-After came with it."""
     body = json.dumps({"model": "mnist", "seed": 1}).encode()
-    writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-    raw = await asyncio.wait_for(reader.read(), 60)
-    writer.close()
-    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
-    return {"status": int(head.split()[1]), "retry_after": "\r\nretry-after:" in head}
+
+    async def one() -> tuple[int, bool]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                     + body)
+        raw = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+        return int(head.split()[1]), "\r\nretry-after:" in head
+
+    tasks = []
+    for _ in range(tries):
+        tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(0.025)
+    answers = await asyncio.gather(*tasks)
+    refused = [a for a in answers if a[0] == 503]
+    status, retry_after = refused[0] if refused else answers[0]
+    return {"status": status, "retry_after": retry_after, "refused": len(refused),
+            "tries": tries}
 
 
 async def sample_server(server: Server, stop: asyncio.Event, out: dict) -> None:

@@ -7,6 +7,7 @@ queued ones finish, then the process exits 0. A second signal forces the exit.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
@@ -20,6 +21,8 @@ from . import logs
 from .app import create_app
 from .registry import load_models
 from .settings import Settings
+
+ACCEPTED_GRACE_S = 0.25
 
 
 class DrainingServer(uvicorn.Server):
@@ -40,6 +43,18 @@ class DrainingServer(uvicorn.Server):
         if self.grace_s <= 0:
             self.should_exit = True
         # not recorded in _captured_signals: uvicorn would re-raise it and exit with 143
+
+    async def shutdown(self, sockets=None) -> None:
+        """Stop listening first, then give connections accepted a moment ago the time to
+        deliver their request (it gets its answer: 503, draining) before uvicorn closes every
+        connection without a request in progress. Closing at once reset about one in 1,600
+        such connections under load (bench/overload.py)."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        await asyncio.sleep(ACCEPTED_GRACE_S)
+        await super().shutdown(sockets)
 
     async def on_tick(self, counter: int) -> bool:
         if self._exit_at is not None and time.monotonic() >= self._exit_at:
