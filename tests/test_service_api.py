@@ -384,3 +384,24 @@ def test_cors_off_by_default_and_on_when_configured(client):
         assert r.headers["access-control-allow-origin"] == "https://example.com"
         r = c.get("/healthz", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_torchscript_and_eager_tokenizers_answer_the_same():
+    from models.vqvae import FrozenTokenizer
+
+    grids = {"model": "mnist", "tokens": [[[i * 7 + j for j in range(7)] for i in range(7)],
+                                          [[3] * 7] * 7]}
+    answers = []
+    for torchscript in (True, False):
+        app = create_app(settings(**serving_models(), torchscript=torchscript))
+        with TestClient(app) as c:
+            entry = app.state.service.models["mnist"]
+            assert isinstance(entry.tokenizer, FrozenTokenizer) == torchscript
+            decoded = c.post("/decode", json=grids, headers={"accept": "application/json"})
+            assert decoded.status_code == 200
+            pngs = [base64.b64decode(im["png"]) for im in decoded.json()["images"]]
+            files = [("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)]
+            encoded = c.post("/encode?model=mnist", files=files)
+            assert encoded.status_code == 200
+            answers.append((pngs, encoded.json()["tokens"]))
+    assert answers[0] == answers[1]
