@@ -234,29 +234,30 @@ class VQVAE(nn.Module):
             raise TypeError(f"tokens must be integer, got {tokens.dtype}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.codebook_size):
             raise ValueError(f"token ids must lie in [0, {self.config.codebook_size})")
-        z_q = self.quantizer.embed[tokens.long()].permute(0, 3, 1, 2).contiguous()
-        return self.decoder(z_q)
+        return self.decode_ids(tokens.long())
+
+    def decode_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`decode` without the range check (ids already checked), so that it traces."""
+        return self.decoder(self.quantizer.embed[tokens].permute(0, 3, 1, 2).contiguous())
 
 
 # ---- serving: the tokenizer as frozen TorchScript graphs ------------------------------------
 class _EncodeGraph(nn.Module):
     def __init__(self, vq: VQVAE) -> None:
         super().__init__()
-        self.encoder, self.quantizer = vq.encoder, vq.quantizer
+        self.vq = vq
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        z = self.encoder(images * 2 - 1)
-        B, D, h, w = z.shape
-        return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, D)).view(B, h, w)
+        return self.vq.encode(images)
 
 
 class _DecodeGraph(nn.Module):
     def __init__(self, vq: VQVAE) -> None:
         super().__init__()
-        self.embed, self.decoder = vq.quantizer.embed, vq.decoder
+        self.vq = vq
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.embed[tokens].permute(0, 3, 1, 2).contiguous())
+        return self.vq.decode_ids(tokens)
 
 
 class FrozenTokenizer:
