@@ -242,22 +242,15 @@ class VQVAE(nn.Module):
 
 
 # ---- serving: the tokenizer as frozen TorchScript graphs ------------------------------------
-class _EncodeGraph(nn.Module):
-    def __init__(self, vq: VQVAE) -> None:
+class _MethodGraph(nn.Module):
+    """One method of a VQ-VAE as a module's forward, for tracing."""
+
+    def __init__(self, vq: VQVAE, method: str) -> None:
         super().__init__()
-        self.vq = vq
+        self.vq, self.method = vq, method
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vq.encode(images)
-
-
-class _DecodeGraph(nn.Module):
-    def __init__(self, vq: VQVAE) -> None:
-        super().__init__()
-        self.vq = vq
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.vq.decode_ids(tokens)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.vq, self.method)(x)
 
 
 class FrozenTokenizer:
@@ -286,8 +279,10 @@ class FrozenTokenizer:
             images = torch.zeros(2, cfg.channels, h, w, device=dev)
             tokens = torch.zeros(2, h // cfg.downsample, w // cfg.downsample, dtype=torch.long,
                                  device=dev)
-            self._encode = torch.jit.freeze(torch.jit.trace(_EncodeGraph(vq).eval(), images))
-            self._decode = torch.jit.freeze(torch.jit.trace(_DecodeGraph(vq).eval(), tokens))
+            self._encode = torch.jit.freeze(torch.jit.trace(_MethodGraph(vq, "encode").eval(),
+                                                            images))
+            self._decode = torch.jit.freeze(torch.jit.trace(_MethodGraph(vq, "decode_ids").eval(),
+                                                            tokens))
         vq.train(was_training)
         self.config = cfg
 
