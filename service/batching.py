@@ -279,7 +279,7 @@ class Engine:
         while True:
             await self._slots.acquire()  # at most workers + PIPELINE_EXTRA batches handed over
             q = self._oldest()
-            if q is None or (self._running and not getattr(q.jobs[0].runner, "pipelined", True)):
+            if q is None or (self._running and self._runs_alone(q)):
                 self._slots.release()
                 if q is None and self._closing:
                     break
@@ -353,11 +353,17 @@ class Engine:
         """Hand a batch to the device thread; its results are delivered by a callback, so
         the worker is free to form the next batch meanwhile."""
         self._last_jobs = len(jobs)
+        total = sum(j.size for j in jobs)
         for j in jobs:
-            j.batch_size = sum(x.size for x in jobs)
+            j.batch_size = total
         fut = self._loop.run_in_executor(self._thread, self._timed_compute, jobs)
         self._running.add(fut)
         fut.add_done_callback(lambda f: self._deliver(q, jobs, f))
+
+    @staticmethod
+    def _runs_alone(q: _Queue) -> bool:
+        """The runner of q's jobs opted out of pipelining (see Runner.pipelined)."""
+        return not getattr(q.jobs[0].runner, "pipelined", True)
 
     def _patience(self, q: _Queue) -> float:
         """How long a batch waits for company after its first job: max_wait, or for a
@@ -365,7 +371,7 @@ class Engine:
         is longer. Such a batch costs about the same for 8 images as for 56 on a CPU, so one
         that closed while the answered clients were still coming back ran nearly empty and
         made them wait for it: at 64 clients, p99 was twice p50."""
-        if getattr(q.jobs[0].runner, "pipelined", True):
+        if not self._runs_alone(q):
             return self.max_wait
         return max(self.max_wait, LONG_BATCH_PATIENCE * self._batch_s.get(q.key[:2], 0.0))
 
