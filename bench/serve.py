@@ -270,11 +270,12 @@ async def run_server(label: str, env: dict[str, str], makers: dict, ops: list[st
 
 
 # ---- the ceiling: the model in this process -----------------------------------------------------
-def ceiling(bundle, ops: list[str], sizes: list[int], device: str, min_s: float = 1.0) -> dict:
+def ceiling(bundle, frozen: FrozenTokenizer, ops: list[str], sizes: list[int], device: str,
+            min_s: float = 1.0) -> dict:
     """Images/s of each operation in this process, no HTTP. The tokenizer runs both eager and
-    as the frozen TorchScript graphs the server uses; the ceiling is the faster of the two."""
+    as the frozen TorchScript graphs the server uses (`frozen`, traced once per run); the
+    ceiling is the faster of the two."""
     gpt, eager = bundle.gpt, bundle.vqvae
-    frozen = FrozenTokenizer(eager)
     vq = frozen
     dev = torch.device(device)
 
@@ -320,20 +321,19 @@ def ceiling(bundle, ops: list[str], sizes: list[int], device: str, min_s: float 
         print(f"  [in-process] batch {b:3d}: " + "  ".join(
             f"{op} {out[op][b]:.1f}/s" for op in ops), flush=True)
     single = {}
-    if "generate" not in ops:
-        return {"images_per_s": out, "single_image": single, "tokenizer_variants": variants}
-    with torch.inference_mode():  # one image, end to end, the way a lone request runs
-        one = SamplingBatch.cat([make_batch(gpt.config, 1, (rows, cols), label=3,
-                                            generator=torch.Generator().manual_seed(0),
-                                            cfg_scale=defaults.get("cfg_scale", 1.0),
-                                            temperature=defaults.get("temperature", 1.0))]).to(dev)
-        times = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            png_bytes(to_uint8(vq.decode(sample(gpt, one, (rows, cols)).view(-1, rows, cols)))[0])
-            sync()
-            times.append(time.perf_counter() - t0)
-        single["generate_ms"] = round(1000 * sorted(times)[len(times) // 2], 2)
+    if "generate" in ops:
+        with torch.inference_mode():  # one image, end to end, the way a lone request runs
+            one = SamplingBatch.cat([make_batch(gpt.config, 1, (rows, cols), label=3,
+                                                generator=torch.Generator().manual_seed(0),
+                                                cfg_scale=defaults.get("cfg_scale", 1.0),
+                                                temperature=defaults.get("temperature", 1.0))]).to(dev)
+            times = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                png_bytes(to_uint8(vq.decode(sample(gpt, one, (rows, cols)).view(-1, rows, cols)))[0])
+                sync()
+                times.append(time.perf_counter() - t0)
+            single["generate_ms"] = round(1000 * sorted(times)[len(times) // 2], 2)
     return {"images_per_s": out, "single_image": single, "tokenizer_variants": variants}
 
 
@@ -345,13 +345,14 @@ async def amain(args) -> dict:
     bundle = load_bundle(ROOT / "checkpoints" / args.model, device=args.device)
     sizes = sorted({min(c, args.max_batch_size) for c in clients})
     ceil: dict = {"images_per_s": {}, "single_image": {}, "tokenizer_variants": {}}
+    frozen = FrozenTokenizer(bundle.vqvae)
 
     def measure_ceiling(op: str) -> None:
         """Right before the op's batched levels: this machine's speed drifts by a third over
         minutes, and a ceiling from the start of the run would flatter or wrong the op."""
         print(f"in-process ceiling of {op} ({args.model}, torch threads "
               f"{torch.get_num_threads()})", flush=True)
-        for k, v in ceiling(bundle, [op], sizes, args.device).items():
+        for k, v in ceiling(bundle, frozen, [op], sizes, args.device).items():
             ceil[k].update(v)
 
     runs = []
