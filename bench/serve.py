@@ -292,16 +292,18 @@ def ceiling(bundle, frozen: FrozenTokenizer, ops: list[str], sizes: list[int], d
     for b in sizes:
         codes = torch.randint(0, cfg.codebook_size, (b, rows, cols), generator=g).to(dev)
         with torch.inference_mode():
-            images = vq.decode(codes)
+            pixels = vq.decode_pixels(codes)
         batch = SamplingBatch.cat([make_batch(gpt.config, 1, (rows, cols), label=i % 10,
                                               generator=torch.Generator().manual_seed(i),
                                               cfg_scale=defaults.get("cfg_scale", 1.0),
                                               temperature=defaults.get("temperature", 1.0))
                                    for i in range(b)]).to(dev)
-        fns = {"generate": [lambda batch=batch: to_uint8(vq.decode(
-                   sample(gpt, batch, (rows, cols)).view(-1, rows, cols)))],
-               "encode": [lambda images=images, m=m: m.encode(images) for m in (eager, frozen)],
-               "decode": [lambda codes=codes, m=m: to_uint8(m.decode(codes))
+        # what the server's model thread computes per batch: uint8 pixels in or out
+        fns = {"generate": [lambda batch=batch: vq.decode_pixels(
+                   sample(gpt, batch, (rows, cols)).view(-1, rows, cols)).cpu().numpy()],
+               "encode": [lambda pixels=pixels, m=m: m.encode_pixels(pixels).cpu().numpy()
+                          for m in (eager, frozen)],
+               "decode": [lambda codes=codes, m=m: m.decode_pixels(codes).cpu().numpy()
                           for m in (eager, frozen)]}
         for op in ops:
             rates = []
@@ -330,7 +332,8 @@ def ceiling(bundle, frozen: FrozenTokenizer, ops: list[str], sizes: list[int], d
             times = []
             for _ in range(30):
                 t0 = time.perf_counter()
-                png_bytes(to_uint8(vq.decode(sample(gpt, one, (rows, cols)).view(-1, rows, cols)))[0])
+                png_bytes(vq.decode_pixels(sample(gpt, one, (rows, cols)).view(-1, rows, cols))
+                          .cpu().numpy()[0])
                 sync()
                 times.append(time.perf_counter() - t0)
             single["generate_ms"] = round(1000 * sorted(times)[len(times) // 2], 2)

@@ -10,10 +10,15 @@ import numpy as np
 import torch
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) floats in [0, 1] -> (B, H, W, C) uint8 tensor (torch ops only: traceable)."""
+    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) floats in [0, 1] -> (B, H, W, C) uint8."""
-    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return to_pixels(images).cpu().numpy()
 
 
 def tile(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:

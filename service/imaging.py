@@ -25,7 +25,6 @@ import json
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.images import PNG_SIGNATURE, png_bytes, simple_png_pixels, tile
@@ -135,8 +134,8 @@ def header_pixels(blobs: list[bytes]) -> int | None:
 
 
 def prepare(blobs: list[bytes], channels: int, size: tuple[int, int],
-            max_pixels: int) -> torch.Tensor:
-    """Uploaded files -> float tensor (N, C, H, W) in [0, 1] for the tokenizer."""
+            max_pixels: int) -> np.ndarray:
+    """Uploaded files -> uint8 pixels (N, H, W, C) at the model's size, for the tokenizer."""
     out = np.empty((len(blobs), size[0], size[1], channels), dtype=np.uint8)
     for i, data in enumerate(blobs):
         plain = simple_png_pixels(data, channels, size)
@@ -152,7 +151,7 @@ def prepare(blobs: list[bytes], channels: int, size: tuple[int, int],
         im = fit(convert(ImageOps.exif_transpose(im) or im, channels), size)
         a = np.asarray(im, dtype=np.uint8)
         out[i] = a[..., None] if a.ndim == 2 else a
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+    return out
 
 
 # ---- responses ---------------------------------------------------------------------------

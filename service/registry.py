@@ -182,11 +182,11 @@ def warm_up(entry: ModelEntry, max_batch_size: int) -> None:
     vq = entry.tokenizer
     c, (h, w) = entry.channels, entry.image_size
     dev = torch.device(entry.device)
-    grid = vq.encode(torch.zeros(1, c, h, w, device=dev))
-    vq.decode(grid)
+    grid = vq.encode_pixels(torch.zeros(1, h, w, c, dtype=torch.uint8, device=dev))
+    vq.decode_pixels(grid)
     gpt = entry.bundle.gpt
     if gpt is not None:
         gpt.setup_caches(2 * max_batch_size)  # guidance doubles the rows
         g = torch.Generator().manual_seed(0)
         batch = make_batch(gpt.config, 1, entry.grid, generator=g)
-        vq.decode(sample(gpt, batch, entry.grid).view(-1, *entry.grid).to(dev))
+        vq.decode_pixels(sample(gpt, batch, entry.grid).view(-1, *entry.grid).to(dev))

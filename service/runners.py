@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.images import to_uint8
 from models.sampling import SamplingBatch, make_batch, sample
 
 from .registry import ModelEntry
@@ -54,12 +53,17 @@ class GenerateRunner:
         rows, grid = batch
         part = rows if (lo, hi) == (0, len(rows)) else rows.rows(lo, hi)
         tokens = sample(self.gpt, part, grid)
-        images = self.tokenizer.decode(tokens.view(-1, *grid).to(self.device))
-        return {"images": to_uint8(images), "tokens": tokens.cpu().numpy()}
+        images = self.tokenizer.decode_pixels(tokens.view(-1, *grid).to(self.device))
+        return {"images": images.cpu().numpy(), "tokens": tokens.cpu().numpy()}
 
 
 class _TokenizerRunner:
-    """Shared by encode and decode: both batch tensors along the first axis."""
+    """Shared by encode and decode: numpy payloads stacked along the first axis.
+
+    Numpy in, one tokenizer call, numpy out: on CPU that call is the only point where the
+    batch lets go of the GIL, and taking it back waits for the busy event loop (up to a
+    switch interval) each time. Torch ops from Python would each add such a wait.
+    """
 
     pipelined = True  # stateless, tens of ms per batch: batches run side by side
 
@@ -67,24 +71,34 @@ class _TokenizerRunner:
         self.model = entry.name
         self.tokenizer = entry.tokenizer
         self.device = torch.device(entry.device)
+        self.on_cpu = self.device.type == "cpu"
 
-    def collate(self, payloads: list[torch.Tensor]) -> torch.Tensor:
-        x = payloads[0] if len(payloads) == 1 else torch.cat(payloads)
-        return x.to(self.device)
+    def collate(self, payloads: list[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(payloads[0] if len(payloads) == 1 else np.concatenate(payloads))
+        return x if self.on_cpu else x.to(self.device)
+
+    def numpy(self, x: torch.Tensor) -> np.ndarray:
+        return x.numpy() if self.on_cpu else x.cpu().numpy()
 
 
 class EncodeRunner(_TokenizerRunner):
+    """Payload: uint8 pixels (n, H, W, C)."""
+
     operation = "encode"
 
     def run(self, batch: torch.Tensor, lo: int, hi: int) -> dict[str, np.ndarray]:
-        return {"tokens": self.tokenizer.encode(batch[lo:hi]).cpu().numpy()}
+        part = batch if (lo, hi) == (0, len(batch)) else batch[lo:hi]
+        return {"tokens": self.numpy(self.tokenizer.encode_pixels(part))}
 
 
 class DecodeRunner(_TokenizerRunner):
+    """Payload: int64 token grids (n, rows, cols), ids already checked."""
+
     operation = "decode"
 
     def run(self, batch: torch.Tensor, lo: int, hi: int) -> dict[str, np.ndarray]:
-        return {"images": to_uint8(self.tokenizer.decode(batch[lo:hi]))}
+        part = batch if (lo, hi) == (0, len(batch)) else batch[lo:hi]
+        return {"images": self.numpy(self.tokenizer.decode_pixels(part))}
 
 
 def runners_for(entry: ModelEntry) -> dict[str, object]:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from models.images import to_pixels
 from models.vqvae import VQVAE, FrozenTokenizer, VectorQuantizer, VQVAEConfig
 
 
@@ -129,7 +130,11 @@ def test_frozen_tokenizer_matches_eager_for_any_batch_and_grid(channels):
     with torch.inference_mode():
         for shape in [(1, 7, 7), (5, 7, 7), (3, 7, 14), (2, 9, 4)]:
             tokens = torch.randint(0, 32, shape)
-            images = vq.decode(tokens)
-            assert torch.equal(frozen.decode(tokens), images), shape
-            assert torch.equal(frozen.encode(images), vq.encode(images)), shape
-            assert frozen.encode(images).dtype == torch.int64
+            pixels = to_pixels(vq.decode(tokens))  # uint8 (B, H, W, C), as files hold them
+            assert pixels.dtype == torch.uint8 and pixels.shape[-1] == channels
+            assert torch.equal(vq.decode_pixels(tokens), pixels), shape
+            assert torch.equal(frozen.decode_pixels(tokens), pixels), shape
+            codes = vq.encode(pixels.permute(0, 3, 1, 2).float() / 255)
+            assert torch.equal(vq.encode_pixels(pixels), codes), shape
+            assert torch.equal(frozen.encode_pixels(pixels), codes), shape
+            assert frozen.encode_pixels(pixels).dtype == torch.int64

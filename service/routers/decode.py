@@ -6,7 +6,6 @@ from functools import partial
 from typing import Annotated
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Body, Request
 from starlette.responses import Response
 
@@ -28,7 +27,7 @@ EXAMPLES = {
 
 
 def check_grids(tokens: list, codebook_size: int, max_grid: int, max_images: int
-                ) -> torch.Tensor:
+                ) -> np.ndarray:
     """One grid or a list of grids -> int64 (N, rows, cols); 422 for anything malformed."""
     grids = tokens if tokens and tokens[0] and isinstance(tokens[0][0], list) else [tokens]
     if not grids:
@@ -56,7 +55,7 @@ def check_grids(tokens: list, codebook_size: int, max_grid: int, max_images: int
         arr = None
     if arr is None or arr.min() < 0 or arr.max() >= codebook_size:
         raise invalid(f"token ids must lie in [0, {codebook_size})")
-    return torch.from_numpy(arr)
+    return arr
 
 
 @router.post(
