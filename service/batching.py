@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -109,7 +111,7 @@ class Engine:
                  max_wait_ms: float = 2.0, max_queue: int = 512, timeout_s: float = 30.0,
                  retry_after_s: int = 1, fault_oom_above: int = 0, torch_threads: int = 0,
                  arrivals: Arrivals | None = None, gone_check_after_s: float = 0.05,
-                 workers: int = 1) -> None:
+                 workers: int = 1, nice: int = 0) -> None:
         self.metrics = metrics
         self.gone_check_after = gone_check_after_s
         self.arrivals = arrivals  # None: always wait the full max_wait for company
@@ -136,14 +138,27 @@ class Engine:
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.workers = workers
+        self.nice = nice
         self._thread = ThreadPoolExecutor(max_workers=workers,
                                           thread_name_prefix=f"taming-{device}",
                                           initializer=self._init_thread)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def _init_thread(self) -> None:
+        if self.nice:
+            self._lower_priority()
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
+
+    def _lower_priority(self) -> None:
+        """Raise this model thread's niceness by `nice` (Linux: niceness is per thread), so
+        that the event loop gets a core first whenever it has work."""
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid)
+                                                     + self.nice))
+        except (AttributeError, OSError) as e:  # no setpriority on this platform
+            log.warning("model thread priority left as is: %s", e)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

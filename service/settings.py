@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         "In-process on 2 cores, two one-thread encoders beside each other did 1.7x the images "
         "of one two-thread encoder; behind HTTP on 2 cores the event loop needs that core, "
         "and 2 gave no clear gain. /generate batches always run alone (one KV cache)."))
+    model_thread_nice: int = Field(0, ge=0, le=19, description=(
+        "Added to the niceness of the model threads (Linux, per thread), so the event loop "
+        "gets a core first whenever it has work; 0 leaves them as they are."))
     warmup: bool = Field(True, description="Run every model once before /readyz turns 200.")
     torchscript: bool = Field(True, description=(
         "Run /encode and /decode (and /generate's final decode) through frozen TorchScript "

@@ -67,7 +67,7 @@ class Service:
                              max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
                              timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
                              fault_oom_above=s.fault_oom_above, torch_threads=s.worker_threads(),
-                             workers=s.device_workers,
+                             workers=s.device_workers, nice=s.model_thread_nice,
                              arrivals=self.arrivals if s.eager_batching else None)
         await self.engine.start()
         if s.warmup:

@@ -508,6 +508,22 @@ def test_workers_compute_batches_side_by_side_but_generate_alone():
     run(main())
 
 
+def test_model_threads_run_at_the_niceness_asked_for():
+    import os
+    import threading
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def main():
+        base = niceness()
+        e = await _engine(workers=2, nice=3)
+        assert await e.call(niceness) == min(19, base + 3)
+        assert niceness() == base  # the event loop's thread keeps its own
+        await e.close()
+    run(main())
+
+
 def test_a_batch_that_runs_alone_waits_a_tenth_of_its_run_for_company():
     async def main():
         e = await _engine(max_batch_size=8, max_wait_ms=0, arrivals=Arrivals())
