@@ -36,12 +36,12 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description=(
         "torch intra-op threads of the model worker; 0: one less than the CPU cores (at least "
         "1), so the event loop keeps a core (on 2 cores, 2 threads made /generate 3x slower)."))
-    device_workers: int = Field(1, ge=1, description=(
+    device_workers: int = Field(2, ge=1, description=(
         "Model threads, each computing a batch of its own (on CPU, with torch_threads each). "
-        "In-process on 2 cores, two one-thread encoders beside each other did 1.7x the images "
-        "of one two-thread encoder; behind HTTP on 2 cores the event loop needs that core, "
-        "and 2 gave no clear gain. /generate batches always run alone (one KV cache)."))
-    model_thread_nice: int = Field(0, ge=0, le=19, description=(
+        "/generate batches always run alone (one KV cache). On 2 cores, two niced threads "
+        "took /encode from 49% to 60% of its in-process ceiling (BENCHMARKS.md); without "
+        "the nice, they fought the event loop for the second core and gained nothing."))
+    model_thread_nice: int = Field(10, ge=0, le=19, description=(
         "Added to the niceness of the model threads (Linux, per thread), so the event loop "
         "gets a core first whenever it has work; 0 leaves them as they are."))
     warmup: bool = Field(True, description="Run every model once before /readyz turns 200.")
