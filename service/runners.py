@@ -80,6 +80,11 @@ class _TokenizerRunner:
     def numpy(self, x: torch.Tensor) -> np.ndarray:
         return x.numpy() if self.on_cpu else x.cpu().numpy()
 
+    @staticmethod
+    def rows(batch: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi); the batch itself when that is all of it (no slicing op)."""
+        return batch if (lo, hi) == (0, len(batch)) else batch[lo:hi]
+
 
 class EncodeRunner(_TokenizerRunner):
     """Payload: uint8 pixels (n, H, W, C)."""
@@ -87,8 +92,7 @@ class EncodeRunner(_TokenizerRunner):
     operation = "encode"
 
     def run(self, batch: torch.Tensor, lo: int, hi: int) -> dict[str, np.ndarray]:
-        part = batch if (lo, hi) == (0, len(batch)) else batch[lo:hi]
-        return {"tokens": self.numpy(self.tokenizer.encode_pixels(part))}
+        return {"tokens": self.numpy(self.tokenizer.encode_pixels(self.rows(batch, lo, hi)))}
 
 
 class DecodeRunner(_TokenizerRunner):
@@ -97,8 +101,7 @@ class DecodeRunner(_TokenizerRunner):
     operation = "decode"
 
     def run(self, batch: torch.Tensor, lo: int, hi: int) -> dict[str, np.ndarray]:
-        part = batch if (lo, hi) == (0, len(batch)) else batch[lo:hi]
-        return {"images": self.numpy(self.tokenizer.decode_pixels(part))}
+        return {"images": self.numpy(self.tokenizer.decode_pixels(self.rows(batch, lo, hi)))}
 
 
 def runners_for(entry: ModelEntry) -> dict[str, object]:

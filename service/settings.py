@@ -38,9 +38,10 @@ class Settings(BaseSettings):
         "1), so the event loop keeps a core (on 2 cores, 2 threads made /generate 3x slower)."))
     device_workers: int = Field(2, ge=1, description=(
         "Model threads, each computing a batch of its own (on CPU, with torch_threads each). "
-        "/generate batches always run alone (one KV cache). On 2 cores, two niced threads "
-        "took /encode from 49% to 60% of its in-process ceiling (BENCHMARKS.md); without "
-        "the nice, they fought the event loop for the second core and gained nothing."))
+        "/generate batches always run alone (one KV cache). On 2 cores at 64 clients, two "
+        "threads at model_thread_nice 10 served /encode at 1,341-1,427 images/s against "
+        "1,096-1,149 for one thread; without the nice, two fought the event loop for the "
+        "second core and gained nothing (1,172-1,193; BENCHMARKS.md)."))
     model_thread_nice: int = Field(10, ge=0, le=19, description=(
         "Added to the niceness of the model threads (Linux, per thread), so the event loop "
         "gets a core first whenever it has work; 0 leaves them as they are."))

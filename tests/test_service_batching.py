@@ -5,6 +5,8 @@ results do not depend on batch-mates."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 
 import numpy as np
@@ -509,9 +511,6 @@ def test_workers_compute_batches_side_by_side_but_generate_alone():
 
 
 def test_model_threads_run_at_the_niceness_asked_for():
-    import os
-    import threading
-
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
