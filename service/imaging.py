@@ -3,7 +3,9 @@
 Upload policy (POST /encode), applied in this order:
 1. Formats: PNG, JPEG and WebP, recognised from the bytes (anything else: 415).
 2. Size: width x height is read from the header, before any pixel is decoded; past
-   TAMING_MAX_IMAGE_PIXELS the image is refused with 413 (decompression bombs).
+   TAMING_MAX_IMAGE_PIXELS the image is refused with 413 (decompression bombs). Pixel data
+   is never inflated past what the header allows, and compressed PNG metadata (zTXt, iTXt,
+   iCCP) is bounded in count and size: past those bounds, 422.
 3. Animated images (APNG, animated WebP) are refused with 422, not silently cut to one frame.
 4. Truncated or corrupt data (bad CRC, cut-off file): 422.
 5. EXIF orientation is applied.
@@ -13,7 +15,7 @@ Upload policy (POST /encode), applied in this order:
 7. Size: an image of another shape is padded with black to the model's aspect ratio (centred,
    nothing is cropped), then resized to the model's image size with Lanczos filtering.
 
-A plain PNG already at the model's size and channels (see models.images.simple_png_pixels)
+A plain PNG already at the model's size and channels (see service.png.simple_png_pixels)
 skips PIL: the steps above would not change a pixel of it.
 """
 
@@ -25,17 +27,23 @@ import json
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from models.images import PNG_SIGNATURE, png_bytes, simple_png_pixels, tile
+from models.images import tile
 
 from .errors import ServiceError
+from .png import PNG_SIGNATURE, png_bytes, refusal, simple_png_pixels
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MEDIA_TYPES = frozenset(FORMATS.values()) | {"image/jpg"}
 
 # our own pixel limit is checked first; PIL's warning for huge headers is noise then
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# PIL inflates each zTXt, iTXt and iCCP chunk up to MAX_TEXT_CHUNK and keeps up to
+# MAX_TEXT_MEMORY of text per image; pinned so that a Pillow upgrade cannot loosen them
+PngImagePlugin.MAX_TEXT_CHUNK = 512 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 16 * 1024 * 1024
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # over-limit and cut-off data raise, never pass
 
 
 def _too_large(w: int, h: int, limit: int) -> ServiceError:
@@ -45,11 +53,17 @@ def _too_large(w: int, h: int, limit: int) -> ServiceError:
 
 def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     """Open from the header only, check format, pixel count and frames, then decode."""
+    reason = refusal(data)
+    if reason is not None:
+        raise ServiceError(422, "invalid_image", reason)
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ServiceError(413, "image_too_large", str(e)) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if "MAX_TEXT" in str(e):  # PIL's limits on zTXt, iTXt and iCCP
+            raise ServiceError(422, "invalid_image", "the PNG's metadata inflates past "
+                               f"{PngImagePlugin.MAX_TEXT_CHUNK} bytes") from e
         raise ServiceError(422, "invalid_image", "the bytes are not a readable image") from e
     if im.format not in FORMATS:
         raise ServiceError(415, "unsupported_media_type",

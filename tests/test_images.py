@@ -1,8 +1,10 @@
 """The PNG writer, the plain-PNG reader and the tiler, each checked against PIL (and so
-against what every browser reads)."""
+against what every browser reads); the reader's inflate is bounded by the header."""
 
 import io
 import struct
+import time
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.images import png_bytes, simple_png_pixels, tile, to_uint8
+from models.images import tile, to_uint8
+from service.png import MAX_COMPRESSED_CHUNKS, inflate_exactly, png_bytes, refusal, simple_png_pixels
 
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (7, 13, 3), (5, 9, 4), (1, 1, 1), (64, 80, 3)])
@@ -113,3 +116,53 @@ def _paeth(a: np.ndarray) -> bytes:
     body = zlib.compress(bytes(raw))
     return (bytes(data[:start - 8]) + _chunk(b"IDAT", body)
             + _chunk(b"IEND", b""))
+
+
+def zeros_zlib(mib: int) -> bytes:
+    """A valid zlib stream of `mib` MiB of zeros, built from one compressed MiB repeated."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: blocks can be repeated
+    block = bytes(1 << 20)
+    first = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(mib):
+        adler = zlib.adler32(block, adler)
+    return b"\x78\xda" + first + again * (mib - 1) + c.flush() + struct.pack(">I", adler)
+
+
+def test_the_plain_reader_never_inflates_past_the_header():
+    bomb = zeros_zlib(256)  # 256 MiB of rows behind a 28x28 header
+    assert len(bomb) < 300_000
+    ihdr = struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", bomb)
+            + _chunk(b"IEND", b""))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        assert simple_png_pixels(data, 1, (28, 28)) is None
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 0.05 and peak < 1 << 20, (elapsed, peak)
+    # the same holds for any stream: exact size only, never more than one byte past it
+    assert inflate_exactly(bomb, 100) is None
+    assert inflate_exactly(zlib.compress(bytes(100)), 100) == bytes(100)
+    assert inflate_exactly(zlib.compress(bytes(100)), 101) is None  # cut short
+    # bytes after the stream's end are never inflated: ignored, as zlib and PIL do
+    assert inflate_exactly(zlib.compress(bytes(100)) + bomb, 100) == bytes(100)
+
+
+def test_bombs_are_refused_from_their_chunks_alone():
+    a = np.zeros((28, 28, 1), dtype=np.uint8)
+    assert refusal(png_bytes(a)) is None
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert refusal(png_bytes(noise, compress_level=0)) is None  # stored: larger than raw
+    meta = (_chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"x"))
+            + _chunk(b"iCCP", b"p\x00\x00" + zlib.compress(b"y")) + _chunk(b"tEXt", b"k\x00v"))
+    assert refusal(_png(a, [0] * 28, meta * (MAX_COMPRESSED_CHUNKS // 2))) is None
+    assert "compressed metadata" in refusal(_png(a, [0] * 28, meta * MAX_COMPRESSED_CHUNKS))
+    ihdr = struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)
+    bomb = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zeros_zlib(8))
+            + _chunk(b"IEND", b""))
+    assert "larger than its header" in refusal(bomb)

@@ -1,0 +1,165 @@
+"""Hostile requests against a real server process (`python -m service`, uvicorn, the shipped
+mnist checkpoint): decompression bombs and bodies over the size limit."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from service_helpers import REAL, ROOT, assert_error, png_of
+
+from service.png import png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, int]]:
+    """(base URL, pid) of `python -m service` serving mnist from the shipped checkpoints."""
+    port = _free_port()
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), PYTHONPATH=str(ROOT),
+               TAMING_CHECKPOINT_DIR=str(REAL), TAMING_MODELS="mnist", TAMING_TORCH_THREADS="1",
+               TAMING_LOG_LEVEL="warning")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, "the server exited early"
+                assert time.monotonic() < deadline, "the server did not get ready"
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            yield base, proc.pid
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's high-water resident memory (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+# ---- decompression bombs ---------------------------------------------------------------------
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _zeros_zlib(mib: int) -> bytes:
+    """A valid zlib stream of `mib` MiB of zeros (about 1 KB per MiB)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: blocks can be repeated
+    block = bytes(1 << 20)
+    first = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(mib):
+        adler = zlib.adler32(block, adler)
+    return b"\x78\xda" + first + again * (mib - 1) + c.flush() + struct.pack(">I", adler)
+
+
+def _png(size: int, idat: bytes | None = None, meta: bytes = b"") -> bytes:
+    """A grey PNG of size x size (black unless `idat` says otherwise), `meta` before IDAT."""
+    if idat is None:
+        idat = zlib.compress(bytes(size * (size + 1)))
+    ihdr = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + meta + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    """Each fits the 10 MiB body limit and inflates to gigabytes with no bound in place.
+
+    28x28 is the model's size (the plain-PNG path); 30x30 goes through PIL.
+    """
+    gib = _zeros_zlib(1024)  # 1 GiB of zeros in about 1 MB
+    mib = _zeros_zlib(1)
+    out = {}
+    for size in (28, 30):
+        out[f"IDAT {size}"] = _png(size, idat=gib)
+        out[f"zTXt {size}"] = _png(size, meta=_chunk(b"zTXt", b"Comment\x00\x00" + gib))
+        out[f"iTXt {size}"] = _png(size, meta=_chunk(b"iTXt", b"Comment\x00\x01\x00\x00\x00" + gib))
+        out[f"iCCP {size}"] = _png(size, meta=_chunk(b"iCCP", b"icc\x00\x00" + gib))
+        # many 1 MiB chunks: each under PIL's per-chunk limit, together gigabytes
+        out[f"zTXt x3000 {size}"] = _png(size, meta=b"".join(
+            _chunk(b"zTXt", b"k%d\x00\x00" % i + mib) for i in range(3000)))
+        out[f"iCCP x3000 {size}"] = _png(size, meta=_chunk(b"iCCP", b"icc\x00\x00" + mib) * 3000)
+    assert all(len(b) < 10 * 2**20 for b in out.values())
+    return out
+
+
+def test_decompression_bombs_are_refused_at_once_while_healthz_answers(server, bombs):
+    base, pid = server
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for size in (28, 30):  # both paths run once before the high-water mark is read
+            ok = client.post("/encode", content=png_of(np.zeros((size, size), np.uint8)),
+                             headers={"Content-Type": "image/png"})
+            assert ok.status_code == 200, ok.text
+        before = _peak_rss_mb(pid)
+        health: list[float] = []
+        done = threading.Event()
+
+        def probe() -> None:
+            with httpx.Client(base_url=base, timeout=30) as c:
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    assert c.get("/healthz").status_code == 200
+                    health.append(time.perf_counter() - t0)
+                    time.sleep(0.01)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        took = {}
+        try:
+            for name, body in bombs.items():
+                t0 = time.perf_counter()
+                r = client.post("/encode", content=body, headers={"Content-Type": "image/png"})
+                took[name] = time.perf_counter() - t0
+                message = assert_error(r, 422, "invalid_image")["message"]
+                assert any(w in message for w in ("header", "metadata")), (name, message)
+        finally:
+            done.set()
+            prober.join()
+    grew = _peak_rss_mb(pid) - before
+    assert max(took.values()) < 0.5, took
+    assert grew < 50, f"peak resident memory grew by {grew:.0f} MB"
+    assert health and max(health) < 0.5, max(health)
+
+
+def test_a_bomb_among_good_images_names_it(server, bombs):
+    good = png_bytes(np.zeros((28, 28, 1), np.uint8))
+    files = [("files", ("a.png", good, "image/png")),
+             ("files", ("b.png", bombs["iCCP x3000 28"], "image/png"))]
+    r = httpx.post(f"{server[0]}/encode", files=files, timeout=30)
+    assert assert_error(r, 422, "invalid_image")["message"].startswith("image 1:")
