@@ -2,14 +2,16 @@
 # The taming image-token server (python -m service) with the shipped checkpoints.
 #
 #   CPU (default, small):  docker build -t taming-server:cpu .
-#   CUDA:                  docker build --build-arg TORCH_VARIANT=cu128 -t taming-server:gpu .
+#   CUDA:                  docker build --build-arg TORCH_VARIANT=cu130 -t taming-server:gpu .
 #   run:                   docker run --rm -p 8000:8000 taming-server:cpu
 #                          docker run --rm --gpus all -p 8000:8000 -e TAMING_DEVICE=cuda taming-server:gpu
 #
 # TORCH_VARIANT names a PyTorch wheel index (https://download.pytorch.org/whl/<variant>):
-# `cpu` gives CPU-only wheels (no CUDA libraries, a fraction of the size); `cu12x` wheels carry
+# `cpu` gives CPU-only wheels (no CUDA libraries, a fraction of the size); `cuXYZ` wheels carry
 # their CUDA runtime as pip packages, so the same slim base serves both and the host only
-# needs the NVIDIA driver and the NVIDIA Container Toolkit. Every TAMING_* setting (see
+# needs the NVIDIA driver and the NVIDIA Container Toolkit. torch 2.13.0 is built for CUDA
+# 13.0 (`cu130`: the build PyPI carries too, whose metadata pins cuda-toolkit 13.0.3); CUDA 13
+# needs an NVIDIA driver of the 580 series or newer. Every TAMING_* setting (see
 # README) is read from the environment at start-up: docker run -e TAMING_MAX_BATCH_SIZE=128 ...
 
 ARG PYTHON_VERSION=3.11
@@ -44,6 +46,15 @@ RUN pip install . \
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 
 ARG TORCH_VARIANT=cpu
+# torch.compile on CUDA: inductor emits Triton kernels, and Triton builds its CUDA driver
+# module (C that includes Python.h and links the host's libcuda, so it cannot be built here)
+# with the system C compiler on first use. The CUDA image therefore carries gcc and the C
+# library headers; Python's headers come with the base image. The CPU image carries none.
+RUN if [ "$TORCH_VARIANT" != cpu ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 LABEL org.opencontainers.image.title="taming-server" \
       org.opencontainers.image.description="Taming Transformers (VQ-VAE + sliding-window GPT) as a batched HTTP service" \
       org.opencontainers.image.licenses="MIT" \

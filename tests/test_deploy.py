@@ -9,9 +9,11 @@ app's routes and the server's port. `promtool` (Debian's `prometheus` package, i
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,74 @@ def test_dockerfile_runs_the_service_as_non_root_with_a_healthcheck():
     assert "TAMING_CHECKPOINT_DIR=/app/checkpoints" in env and "PORT=8000" in env
 
 
+def _runtime_run(needle: str) -> str:
+    ins = _dockerfile_instructions()
+    final = max(i for i, (w, _) in enumerate(ins) if w == "FROM")
+    (cmd,) = [r for w, r in ins[final:] if w == "RUN" and needle in r]
+    return cmd
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cu130"])
+def test_cuda_image_alone_carries_a_c_compiler(tmp_path, variant):
+    """Runs the runtime stage's install step with apt-get and rm stubbed: gcc (Triton's
+    driver module on CUDA) goes into the CUDA image only."""
+    cmd = _runtime_run("apt-get")
+    log = tmp_path / "log"
+    for tool in ("apt-get", "rm"):
+        stub = tmp_path / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
+        stub.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "TORCH_VARIANT": variant}
+    proc = subprocess.run(["sh", "-ec", cmd], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    installs = [c.split() for c in calls if c.startswith("apt-get install")]
+    if variant == "cpu":
+        assert not calls
+    else:
+        (install,) = installs
+        assert {"gcc", "libc6-dev"} <= set(install) and "--no-install-recommends" in install
+        assert "g++" not in install
+        assert calls[-1].startswith("rm -rf /var/lib/apt/lists")
+
+
+def test_cuda_image_pins_a_torch_version_and_a_cuda_variant():
+    args = {r.split("=")[0]: r.partition("=")[2] for w, r in _dockerfile_instructions() if w == "ARG"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"])
+    gpu = _compose("docker-compose.gpu.yml")["services"]["api"]["build"]["args"]
+    assert re.fullmatch(r"cu\d{3}", _compose_default(gpu["TORCH_VARIANT"]))
+
+
+@pytest.mark.slow
+def test_pinned_torch_is_published_for_the_gpu_variants_cuda(tmp_path):
+    """PyPI's Linux x86-64 torch is the CUDA build of the same release on PyTorch's own index;
+    its metadata names the CUDA toolkit it was built with. The compose override's default
+    variant must be that CUDA (cu130 for CUDA 13.0)."""
+    args = {r.split("=")[0]: r.partition("=")[2] for w, r in _dockerfile_instructions() if w == "ARG"}
+    gpu = _compose("docker-compose.gpu.yml")["services"]["api"]["build"]["args"]
+    variant = _compose_default(gpu["TORCH_VARIANT"])
+    report = tmp_path / "report.json"
+    # --isolated and no config file: PyPI itself, not this machine's local wheels.
+    cmd = [sys.executable, "-m", "pip", "--isolated", "--retries", "1", "--timeout", "30",
+           "install", "--dry-run", "--ignore-installed", "--no-deps",
+           "--quiet", "--report", str(report), "--target", str(tmp_path / "t"),
+           "--only-binary=:all:", "--implementation", "cp", "--python-version",
+           args["PYTHON_VERSION"], "--platform", "manylinux_2_28_x86_64",
+           f"torch=={args['TORCH_VERSION']}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PIP_CONFIG_FILE": os.devnull})
+    if re.search(r"NewConnectionError|NameResolutionError|ConnectTimeout|Max retries", proc.stderr):
+        pytest.skip(f"PyPI not reachable: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, f"torch {args['TORCH_VERSION']} has no manylinux wheel"
+    (item,) = json.loads(report.read_text())["install"]
+    assert item["download_info"]["url"].startswith("https://"), item["download_info"]["url"]
+    deps = " ".join(item["metadata"]["requires_dist"])
+    toolkit = re.search(r"cuda-toolkit\[[^\]]*\]==(\d+)\.(\d+)", deps)
+    runtime = re.search(r"nvidia-cuda-runtime-cu\d+==(\d+)\.(\d+)", deps)
+    major, minor = (toolkit or runtime).groups()
+    assert variant == f"cu{major}{minor}", f"torch {args['TORCH_VERSION']} is built for CUDA {major}.{minor}"
+
+
 def test_docker_build_context_has_what_the_dockerfile_copies():
     ignored = _dockerignore()
     for must in (".venv", ".git", "data", "runs"):
@@ -199,6 +269,32 @@ def test_compose_gpu_override_reserves_an_nvidia_gpu():
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "cuda" in api["environment"]["TAMING_DEVICE"]
     assert "TORCH_VARIANT" in api["build"]["args"]
+
+
+def _compose_default(value: str) -> str:
+    """The value compose uses when the shell sets nothing: `${NAME:-default}` -> default."""
+    m = re.fullmatch(r"\$\{\w+:-([^}]*)\}", str(value))
+    return m.group(1) if m else str(value)
+
+
+def test_compose_gpu_override_bounds_torch_threads():
+    from service.settings import Settings
+
+    env = _compose("docker-compose.gpu.yml")["services"]["api"]["environment"]
+    threads = Settings(torch_threads=int(_compose_default(env["TAMING_TORCH_THREADS"])))
+    assert 1 <= threads.worker_threads() <= 8, "not one thread per core of a large GPU host"
+
+
+def test_compose_taming_variables_are_server_settings():
+    from service.settings import Settings
+
+    prefix = Settings.model_config["env_prefix"]
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        env = _compose(name)["services"]["api"]["environment"]
+        for key in env:
+            if key.startswith(prefix):
+                field = key[len(prefix):].lower()
+                assert field in Settings.model_fields, f"{name}: {key} is no server setting"
 
 
 @pytest.mark.skipif(
@@ -427,3 +523,97 @@ def test_k8s_kustomize_builds(overlay):
     if overlay == "gpu":
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert c["image"].endswith(":gpu")
+
+
+# ---- GPU autoscaling: the Prometheus adapter and KEDA ----------------------------------
+
+needs_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (built-in kustomize) missing"
+)
+
+
+def _kustomize(folder: str) -> list[dict]:
+    proc = subprocess.run(
+        ["kubectl", "kustomize", str(K8S_DIR / folder)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def _one(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def _adapter_rules() -> list[dict]:
+    config = _one(_kustomize("prometheus-adapter"), "ConfigMap")
+    return yaml.safe_load(config["data"]["config.yaml"])["rules"]
+
+
+@needs_kubectl
+def test_gpu_overlay_replaces_pods_in_place_and_scales_on_the_queue(exported):
+    docs = _kustomize("gpu")
+    dep, hpa = _one(docs, "Deployment"), _one(docs, "HorizontalPodAutoscaler")
+    # A full GPU pool has no GPU for a surge pod: take one down, then start its successor.
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}
+    }
+    assert _one(_kustomize("base"), "Deployment")["spec"]["strategy"]["rollingUpdate"][
+        "maxUnavailable"] == 0, "the CPU base still surges"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods", "no CPU rule: a busy GPU leaves the CPU idle"
+    assert metric["pods"]["metric"]["name"] == "taming_queue_depth"
+    assert "taming_queue_depth" in exported
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert float(metric["pods"]["target"]["averageValue"]) > 0
+
+
+@needs_kubectl
+def test_prometheus_adapter_serves_the_hpa_metric_per_pod():
+    (metric,) = _one(_kustomize("gpu"), "HorizontalPodAutoscaler")["spec"]["metrics"]
+    config = _one(_kustomize("prometheus-adapter"), "ConfigMap")
+    assert config["metadata"]["namespace"] == "monitoring"
+    (rule,) = [r for r in _adapter_rules() if r["name"]["as"] == metric["pods"]["metric"]["name"]]
+    assert metric_names(rule["seriesQuery"]) == {"taming_queue_depth"}
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}
+    }
+    # One value per pod, whatever the operation and model labels.
+    query = rule["metricsQuery"]
+    assert query.startswith("sum by (<<.GroupBy>>)") and "<<.Series>>{<<.LabelMatchers>>}" in query
+
+
+@needs_kubectl
+def test_keda_overlay_scales_the_gpu_deployment_on_the_same_queue():
+    docs = _kustomize("gpu-keda")
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"], (
+        "KEDA makes its own HPA; a second one would fight it"
+    )
+    dep, scaled = _one(docs, "Deployment"), _one(docs, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    assert metric_names(query) == {"taming_queue_depth"}
+    pods = re.search(r'pod=~"([^"]+)"', query).group(1)
+    assert re.fullmatch(pods, dep["metadata"]["name"] + "-5d8f9c7b6-x2k4q"), "the pods' names"
+    # The same target and bounds as the adapter's HPA.
+    hpa = _one(_kustomize("gpu"), "HorizontalPodAutoscaler")["spec"]
+    (metric,) = hpa["metrics"]
+    assert float(trigger["metadata"]["threshold"]) == float(metric["pods"]["target"]["averageValue"])
+    assert trigger["metadata"].get("metricType", "AverageValue") == "AverageValue"
+    bounds = (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"])
+    assert bounds == (hpa["minReplicas"], hpa["maxReplicas"])
+
+
+@needs_kubectl
+def test_deployment_docs_show_the_adapter_rule_and_the_keda_overlay():
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    assert "kubectl apply -k deploy/k8s/gpu-keda" in text
+    assert "kubectl apply -k deploy/k8s/prometheus-adapter" in text
+    # The Helm values in the docs carry the same rule as the ConfigMap.
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    helm = [b for b in blocks if isinstance(b, dict) and "custom" in b.get("rules", {})]
+    assert helm and helm[0]["rules"]["custom"] == _adapter_rules()
