@@ -17,7 +17,7 @@ from .deps import require_api_key
 from .direct import DirectRoutes
 from .middleware import RequestMiddleware
 from .registry import ModelEntry
-from .routers import decode, encode, generate, health
+from .routers import decode, encode, generate, health, playground
 from .routers import models as models_router
 from .settings import Settings, get_settings
 from .state import Service
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None,
     for r in (generate.router, encode.router, decode.router, models_router.router):
         app.include_router(r, dependencies=auth)
     app.include_router(health.router)
+    app.include_router(playground.router)
     layers: list[tuple[type, dict]] = [(RequestMiddleware, {
         "metrics": svc.metrics, "max_body_bytes": settings.max_body_bytes,
         "arrivals": svc.arrivals})]

@@ -1,0 +1,530 @@
+// The playground's script: plain browser APIs, no dependencies, talks to this server only.
+// Element ids used by tests and scripts: #model #label #seed #generate #result #draw #encode
+// #reconstruction #tokens (see README).
+
+const $ = (sel) => document.querySelector(sel);
+
+const el = {
+  key: $("#api-key"), error: $("#error"), errorText: $("#error-text"),
+  errorClose: $("#error-close"), form: $("#generate-form"), model: $("#model"),
+  label: $("#label"), seed: $("#seed"), newSeed: $("#new-seed"),
+  temperature: $("#temperature"), topK: $("#top-k"), topP: $("#top-p"), cfg: $("#cfg-scale"),
+  rows: $("#grid-rows"), cols: $("#grid-cols"), defaults: $("#defaults"),
+  generate: $("#generate"), result: $("#result"), resultInfo: $("#result-info"),
+  draw: $("#draw"), clear: $("#clear"), file: $("#file"), encode: $("#encode"),
+  reconstruction: $("#reconstruction"), tokens: $("#tokens"), tokensInfo: $("#tokens-info"),
+  clearPrefix: $("#clear-prefix"), resample: $("#resample"), status: $("#status"),
+};
+
+const state = {
+  models: {},       // name -> GET /models entry
+  map: null,        // the token map shown: {model, rows, cols, ids (flat, raster order)}
+  keep: 0,          // tokens kept as the prefix of a resample
+  busy: false,
+};
+
+const MAX_RETRIES = 3;  // a 503 with a short Retry-After is tried again this many times
+
+// ---- errors ------------------------------------------------------------------------------
+function showError(err) {
+  el.errorText.textContent = err && err.message ? err.message : String(err);
+  el.error.hidden = false;
+}
+
+function clearError() {
+  el.error.hidden = true;
+  el.errorText.textContent = "";
+}
+
+el.errorClose.addEventListener("click", clearError);
+window.addEventListener("error", (e) => showError(e.error || e.message));
+window.addEventListener("unhandledrejection", (e) => showError(e.reason));
+
+class ApiError extends Error {
+  constructor(status, code, message, retryAfter) {
+    super(`${message} (HTTP ${status}, ${code})`);
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+  }
+}
+
+// ---- the API -----------------------------------------------------------------------------
+function headers(accept, json) {
+  const h = { Accept: accept };
+  const key = el.key.value.trim();
+  if (key) h.Authorization = `Bearer ${key}`;
+  if (json) h["Content-Type"] = "application/json";
+  return h;
+}
+
+async function apiError(r) {
+  let code = "http_error";
+  let message = r.statusText || "request failed";
+  try {
+    const body = await r.json();
+    code = body.error.code;
+    message = body.error.message;
+  } catch (_) { /* not our error shape: keep the status line */ }
+  const after = Number(r.headers.get("Retry-After"));
+  return new ApiError(r.status, code, message, Number.isFinite(after) ? after : null);
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function api(path, { method = "GET", body, accept = "application/json" } = {}) {
+  const json = body !== undefined && !(body instanceof FormData);
+  for (let attempt = 0; ; attempt++) {
+    const r = await fetch(path, {
+      method, headers: headers(accept, json), body: json ? JSON.stringify(body) : body,
+    });
+    if (r.ok) return r;
+    const err = await apiError(r);
+    if (r.status !== 503 || attempt >= MAX_RETRIES || err.retryAfter === null
+        || err.retryAfter > 10) throw err;
+    status(`Server busy: trying again in ${err.retryAfter} s`);
+    await sleep(err.retryAfter * 1000);
+  }
+}
+
+const isEventStream = (r) => (r.headers.get("Content-Type") || "").startsWith("text/event-stream");
+
+// Server-Sent Events from a fetch body (EventSource cannot POST): calls onEvent(type, data).
+async function readEvents(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let type = "";
+  let data = [];
+  const line = (text) => {
+    if (text === "") {
+      if (data.length) onEvent(type || "message", data.join("\n"));
+      type = "";
+      data = [];
+      return;
+    }
+    if (text.startsWith(":")) return;
+    const colon = text.indexOf(":");
+    const field = colon < 0 ? text : text.slice(0, colon);
+    let value = colon < 0 ? "" : text.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") type = value;
+    else if (field === "data") data.push(value);
+  };
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let nl;
+      while ((nl = buffer.indexOf("\n")) >= 0) {
+        line(buffer.slice(0, nl).replace(/\r$/, ""));
+        buffer = buffer.slice(nl + 1);
+      }
+    }
+    if (buffer) line(buffer.replace(/\r$/, ""));
+    line("");
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+// ---- models and the form -----------------------------------------------------------------
+function current() {
+  return state.models[el.model.value];
+}
+
+function setValue(input, value) {
+  input.value = value === null || value === undefined ? "" : String(value);
+}
+
+function applyDefaults() {
+  const m = current();
+  if (!m) return;
+  const d = m.defaults || {};
+  setValue(el.temperature, d.temperature);
+  setValue(el.topK, d.top_k);
+  setValue(el.topP, d.top_p);
+  setValue(el.cfg, d.cfg_scale);
+  el.topK.max = m.codebook_size;
+  for (const [input, i] of [[el.rows, 0], [el.cols, 1]]) {
+    input.min = m.grid[i];
+    input.max = m.max_grid[i];
+    input.value = m.grid[i];
+  }
+}
+
+function applyModel() {
+  const m = current();
+  if (!m) return;
+  const chosen = el.label.value;
+  el.label.replaceChildren(new Option("(any class)", ""));
+  m.classes.forEach((name, i) => {
+    el.label.append(new Option(name === String(i) ? name : `${i} \u00b7 ${name}`, String(i)));
+  });
+  if (chosen !== "" && Number(chosen) < m.classes.length) el.label.value = chosen;
+  applyDefaults();
+  el.generate.disabled = !m.can_generate;
+  el.generate.title = m.can_generate ? "" : "This model has no transformer: it only encodes and decodes";
+  el.draw.dataset.channels = m.channels;
+  setMap(null);
+}
+
+async function loadModels() {
+  try {
+    const listing = await (await api("/models")).json();
+    const previous = el.model.value;
+    state.models = Object.fromEntries(listing.models.map((m) => [m.name, m]));
+    el.model.replaceChildren(...listing.models.map((m) => new Option(m.name, m.name)));
+    el.model.value = state.models[previous] ? previous : listing.default;
+    applyModel();
+    clearError();
+    status(`${listing.models.length} model(s) loaded`);
+  } catch (err) {
+    if (err.status === 401) {
+      showError(new Error(`This server needs an API key: enter it at the top right. (${err.message})`));
+    } else {
+      showError(err);
+    }
+  }
+}
+
+// A field left at the model's default is not sent, so an untouched form asks for exactly
+// what a bare API call with the same model, class and seed gets.
+function numberField(input, name) {
+  if (input.validity.badInput) throw new Error(`${name}: not a number`);
+  return input.value === "" ? null : Number(input.value);
+}
+
+function requestBody() {
+  const m = current();
+  const d = m.defaults || {};
+  const body = { model: m.name };
+  if (el.label.value !== "") body.label = Number(el.label.value);
+  const seed = numberField(el.seed, "seed");
+  if (seed !== null) body.seed = seed;
+  const temperature = numberField(el.temperature, "temperature");
+  if (temperature !== null && temperature !== d.temperature) body.temperature = temperature;
+  const cfg = numberField(el.cfg, "guidance");
+  if (cfg !== null && cfg !== d.cfg_scale) body.cfg_scale = cfg;
+  // an empty top-k / top-p means "off", which the API spells as K / 1
+  const topK = numberField(el.topK, "top-k");
+  const k = topK === null ? (d.top_k === null || d.top_k === undefined ? null : m.codebook_size) : topK;
+  if (k !== null && k !== d.top_k) body.top_k = k;
+  const topP = numberField(el.topP, "top-p");
+  const p = topP === null ? ((d.top_p ?? 1) === 1 ? null : 1) : topP;
+  if (p !== null && p !== d.top_p) body.top_p = p;
+  const rows = numberField(el.rows, "grid rows") ?? m.grid[0];
+  const cols = numberField(el.cols, "grid columns") ?? m.grid[1];
+  if (rows !== m.grid[0] || cols !== m.grid[1]) body.grid = [rows, cols];
+  return body;
+}
+
+// ---- generate ----------------------------------------------------------------------------
+function status(text) {
+  el.status.textContent = text;
+}
+
+function setBusy(busy) {
+  state.busy = busy;
+  const m = current();
+  el.generate.disabled = busy || !(m && m.can_generate);
+  el.encode.disabled = busy;
+  el.resample.disabled = busy || !canResample();
+}
+
+async function showImage(img, png) {
+  img.src = `data:image/png;base64,${png}`;
+  await img.decode();
+}
+
+async function run(task) {
+  if (state.busy) return;
+  clearError();
+  setBusy(true);
+  try {
+    await task();
+  } catch (err) {
+    showError(err);
+    status("");
+  } finally {
+    setBusy(false);
+  }
+}
+
+// `overrides` replace fields of the form's request; a null removes the field.
+function generate(overrides = {}) {
+  if (state.busy) return Promise.resolve();
+  el.result.dataset.state = "streaming";  // before any await: a waiting script sees the change
+  return run(async () => {
+    try {
+      const body = Object.assign(requestBody(), overrides);
+      for (const [k, v] of Object.entries(body)) if (v === null) delete body[k];
+      await sample(body);
+    } catch (err) {
+      el.result.dataset.state = "error";
+      throw err;
+    }
+  });
+}
+
+async function sample(body) {
+  const t0 = performance.now();
+  const [rows, cols] = body.grid || current().grid;
+  status("Sampling\u2026");
+  setMap({ model: body.model, rows, cols, ids: [] });
+  let answer = null;
+  const r = await api("/generate", { method: "POST", body, accept: "text/event-stream" });
+  if (isEventStream(r)) {
+    await readEvents(r, (type, data) => {
+      if (type === "row") {
+        const ev = JSON.parse(data);
+        if (ev.image !== 0) return;
+        el.result.src = `data:image/png;base64,${ev.png}`;
+        ev.tokens.forEach((id, j) => { state.map.ids[ev.row * cols + j] = id; });
+        drawMap();
+        status(`Sampling\u2026 row ${ev.row + 1} of ${rows}`);
+      } else if (type === "done") {
+        answer = JSON.parse(data);
+      } else if (type === "error") {
+        const e = JSON.parse(data).error;
+        throw new ApiError("stream", e.code, e.message, null);
+      }
+    });
+    if (!answer) throw new Error("the stream ended before the answer was complete");
+  } else {
+    // a server that does not stream answered otherwise: ask for the JSON answer
+    if (r.body) await r.body.cancel();
+    answer = await (await api("/generate", { method: "POST", body })).json();
+  }
+  const image = answer.images[0];
+  await showImage(el.result, image.png);
+  el.result.dataset.state = "done";
+  el.result.dataset.seed = String(answer.seed);
+  const ms = Math.round(performance.now() - t0);
+  el.resultInfo.textContent = `${answer.model}, seed ${answer.seed}` +
+    (body.label !== undefined ? `, class ${current().classes[body.label] ?? body.label}` : "") +
+    (body.prefix ? `, ${body.prefix.flat().length} tokens kept` : "") + ` \u2014 ${ms} ms`;
+  setMap({ model: answer.model, rows, cols, ids: image.tokens.flat() }, "generated image");
+  status(`Done in ${ms} ms`);
+}
+
+// ---- the token map -----------------------------------------------------------------------
+function colour(id) {
+  const hue = (id * 137.508) % 360;  // the golden angle: neighbouring ids look different
+  return `hsl(${hue.toFixed(1)} ${55 + (id % 3) * 15}% ${34 + (id % 4) * 7}%)`;
+}
+
+function setMap(map, source) {
+  state.map = map;
+  state.keep = 0;
+  if (!map) {
+    el.tokens.replaceChildren();
+    el.tokensInfo.textContent = "The token grid of the last image appears here.";
+  } else if (source) {
+    el.tokensInfo.textContent = `${source}: ${map.rows}\u00d7${map.cols} tokens of ${map.model}`;
+  }
+  drawMap();
+}
+
+function canResample() {
+  const m = state.map && state.models[state.map.model];
+  return Boolean(m && m.can_generate && state.keep > 0 && state.map.model === el.model.value);
+}
+
+function drawMap() {
+  const map = state.map;
+  el.clearPrefix.disabled = !state.keep;
+  el.resample.disabled = state.busy || !canResample();
+  if (!map) return;
+  el.tokens.style.setProperty("--cols", map.cols);
+  const cells = [];
+  for (let i = 0; i < map.rows * map.cols; i++) {
+    const cell = document.createElement("button");
+    cell.type = "button";
+    cell.className = "cell";
+    cell.dataset.index = String(i);
+    const id = map.ids[i];
+    if (id === undefined) {
+      cell.classList.add("pending");
+      cell.disabled = true;
+    } else {
+      cell.textContent = String(id);
+      cell.style.background = colour(id);
+      cell.title = `row ${Math.floor(i / map.cols)}, column ${i % map.cols}: token ${id}`;
+      cell.dataset.id = String(id);
+      if (state.keep) cell.classList.add(i < state.keep ? "kept" : "dropped");
+    }
+    cells.push(cell);
+  }
+  el.tokens.replaceChildren(...cells);
+}
+
+el.tokens.addEventListener("click", (e) => {
+  const cell = e.target.closest(".cell");
+  if (!cell || !state.map || cell.disabled) return;
+  const keep = Number(cell.dataset.index) + 1;
+  state.keep = state.keep === keep ? 0 : keep;
+  drawMap();
+});
+
+el.clearPrefix.addEventListener("click", () => {
+  state.keep = 0;
+  drawMap();
+});
+
+// The kept tokens as rows of the map (the last may be partial), on the map's own grid; the
+// seed is new, written into the form so the sample can be asked for again.
+el.resample.addEventListener("click", () => {
+  const { rows, cols, ids } = state.map;
+  const kept = ids.slice(0, state.keep);
+  const prefix = [];
+  for (let i = 0; i < kept.length; i += cols) prefix.push(kept.slice(i, i + cols));
+  el.seed.value = String(Math.floor(Math.random() * 2 ** 31));
+  const keep = state.keep;
+  const m = current();
+  const grid = rows !== m.grid[0] || cols !== m.grid[1] ? [rows, cols] : null;
+  generate({ prefix, grid }).then(() => {
+    if (state.map && state.map.ids.length) {
+      state.keep = keep;
+      drawMap();
+    }
+  });
+});
+
+// ---- drawing, encoding, decoding ---------------------------------------------------------
+const ctx = el.draw.getContext("2d");
+
+function clearCanvas() {
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, el.draw.width, el.draw.height);
+}
+
+function point(e) {
+  const box = el.draw.getBoundingClientRect();
+  return [(e.clientX - box.left) * (el.draw.width / box.width),
+    (e.clientY - box.top) * (el.draw.height / box.height)];
+}
+
+let last = null;
+el.draw.addEventListener("pointerdown", (e) => {
+  el.draw.setPointerCapture(e.pointerId);
+  last = point(e);
+  stroke(last, last);
+});
+el.draw.addEventListener("pointermove", (e) => {
+  if (!last) return;
+  const p = point(e);
+  stroke(last, p);
+  last = p;
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  el.draw.addEventListener(type, () => { last = null; });
+}
+
+function stroke(from, to) {
+  ctx.strokeStyle = "#fff";
+  ctx.lineWidth = el.draw.width / 12;  // about an MNIST pen after the resize to 28 px
+  ctx.lineCap = "round";
+  ctx.lineJoin = "round";
+  ctx.beginPath();
+  ctx.moveTo(...from);
+  ctx.lineTo(...to);
+  ctx.stroke();
+}
+
+async function drawFile(file) {
+  const bitmap = await createImageBitmap(file);
+  const { width: W, height: H } = el.draw;
+  const scale = Math.min(W / bitmap.width, H / bitmap.height);
+  const w = bitmap.width * scale;
+  const h = bitmap.height * scale;
+  clearCanvas();
+  ctx.drawImage(bitmap, (W - w) / 2, (H - h) / 2, w, h);
+  bitmap.close();
+}
+
+function encodeDrawing() {
+  if (state.busy) return Promise.resolve();
+  el.reconstruction.dataset.state = "working";
+  return run(async () => {
+    try {
+      const model = el.model.value;
+      const blob = await new Promise((resolve) => el.draw.toBlob(resolve, "image/png"));
+      const form = new FormData();
+      form.append("files", blob, "drawing.png");
+      status("Encoding\u2026");
+      const encoded = await (await api(`/encode?model=${encodeURIComponent(model)}`,
+        { method: "POST", body: form })).json();
+      const grid = encoded.tokens[0];
+      setMap({ model: encoded.model, rows: encoded.shape[0], cols: encoded.shape[1],
+        ids: grid.flat() }, "your drawing");
+      status("Decoding\u2026");
+      const decoded = await (await api("/decode", {
+        method: "POST", body: { model: encoded.model, tokens: grid } })).json();
+      await showImage(el.reconstruction, decoded.images[0].png);
+      el.reconstruction.dataset.state = "done";
+      status("Encoded and decoded");
+    } catch (err) {
+      el.reconstruction.dataset.state = "error";
+      throw err;
+    }
+  });
+}
+
+el.draw.addEventListener("dragover", (e) => { e.preventDefault(); });
+el.draw.addEventListener("drop", async (e) => {
+  e.preventDefault();
+  const file = e.dataTransfer.files[0];
+  if (!file) return;
+  try {
+    await drawFile(file);
+    await encodeDrawing();
+  } catch (err) {
+    showError(new Error(`cannot read ${file.name}: ${err.message || err}`));
+  }
+});
+el.file.addEventListener("change", async () => {
+  const file = el.file.files[0];
+  if (!file) return;
+  try {
+    await drawFile(file);
+    await encodeDrawing();
+  } catch (err) {
+    showError(new Error(`cannot read ${file.name}: ${err.message || err}`));
+  }
+  el.file.value = "";
+});
+
+// ---- wiring --------------------------------------------------------------------------------
+el.form.addEventListener("submit", (e) => {
+  e.preventDefault();
+  generate();
+});
+el.model.addEventListener("change", applyModel);
+el.defaults.addEventListener("click", applyDefaults);
+el.newSeed.addEventListener("click", () => {
+  el.seed.value = String(Math.floor(Math.random() * 2 ** 31));
+});
+el.clear.addEventListener("click", () => {
+  clearCanvas();
+  el.reconstruction.removeAttribute("src");
+  el.reconstruction.dataset.state = "empty";
+});
+el.encode.addEventListener("click", encodeDrawing);
+el.key.value = sessionStorage.getItem("taming.apiKey") || "";
+let lastKey = null;
+function keyChanged() {  // Enter fires both change and submit: load once per new key
+  const key = el.key.value.trim();
+  if (key === lastKey) return;
+  lastKey = key;
+  sessionStorage.setItem("taming.apiKey", key);
+  loadModels();
+}
+el.key.addEventListener("change", keyChanged);
+$("#key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  keyChanged();
+});
+
+clearCanvas();
+keyChanged();
