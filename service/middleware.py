@@ -2,10 +2,16 @@
 
 Pure ASGI (no BaseHTTPMiddleware) so each request pays a few microseconds here. Handlers add
 `model`, `batch_size`, `queue_ms` and `compute_ms` to `scope["taming.log"]` for the log line.
+
+A body over the limit is answered 413 after the rest of it is read and dropped, up to
+LINGER_BYTES and LINGER_S (a lingering close): a client that writes its whole body before
+reading, as urllib, requests and httpx do, then reads the 413 instead of a reset connection.
+A client that sent `Expect: 100-continue` gets the 413 without being asked for the body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -27,6 +33,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # generated ids: a random per-process prefix and a counter (unique, and cheaper than uuid4)
 _ID_PREFIX = secrets.token_hex(12)  # + 8 hex digits of counter: 32 characters, like a uuid
 _ids = itertools.count()
+LINGER_BYTES = 64 * 1024 * 1024  # most of a too-large body read (and dropped) before the 413
+LINGER_S = 10.0  # most time spent reading it
 
 
 def endpoint_of(path: str) -> str:
@@ -51,11 +59,14 @@ class RequestMiddleware:
             return
         t0 = time.perf_counter()
         rid = length = None
+        expects_continue = False
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 rid = v.decode("latin-1")
             elif k == b"content-length":
                 length = v
+            elif k == b"expect":
+                expects_continue = v.lower() == b"100-continue"
         if rid is None or not _REQUEST_ID.fullmatch(rid):
             rid = f"{_ID_PREFIX}{next(_ids):08x}"
         ctx = {"model": "", "t0": t0}
@@ -78,11 +89,13 @@ class RequestMiddleware:
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 if length is not None and length.isdigit() and int(length) > self.max_body:
-                    await self._too_big(scope, receive, send_with_id)
+                    # no lingering when the client waits for 100 Continue or sends too much
+                    linger = not expects_continue and int(length) <= LINGER_BYTES
+                    await self._too_big(scope, receive, send_with_id, linger)
                     return
                 body = await self._read_body(receive)
                 if body is None:  # over the limit while streaming
-                    await self._too_big(scope, receive, send_with_id)
+                    await self._too_big(scope, receive, send_with_id, True)
                     return
                 if body is False:  # the client went away mid-body
                     return
@@ -112,10 +125,12 @@ class RequestMiddleware:
                     record[k] = ctx[k]
             logs.access(record)
 
-    async def _too_big(self, scope, receive, send) -> None:
+    async def _too_big(self, scope, receive, send, linger: bool) -> None:
+        """413; the connection stays open only when the whole body was read and dropped."""
+        drained = linger and await _drop_body(receive)
         await error_response(413, "payload_too_large",
-                             f"request body exceeds the limit of {self.max_body} bytes")(
-            scope, receive, send)
+                             f"request body exceeds the limit of {self.max_body} bytes",
+                             None if drained else {"Connection": "close"})(scope, receive, send)
 
     async def _read_body(self, receive) -> bytes | None | bool:
         chunks, size = [], 0
@@ -130,6 +145,26 @@ class RequestMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _drop_body(receive) -> bool:
+    """Read and drop the rest of the body; True when it ended within the linger bounds."""
+
+    async def drop() -> bool:
+        size = 0
+        while size <= LINGER_BYTES:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+        return False
+
+    try:
+        return await asyncio.wait_for(drop(), LINGER_S)
+    except asyncio.TimeoutError:
+        return False
 
 
 def _replay(body: bytes, receive):

@@ -3,6 +3,7 @@ mnist checkpoint): decompression bombs and bodies over the size limit."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -11,6 +12,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Iterator
 
@@ -163,3 +166,50 @@ def test_a_bomb_among_good_images_names_it(server, bombs):
              ("files", ("b.png", bombs["iCCP x3000 28"], "image/png"))]
     r = httpx.post(f"{server[0]}/encode", files=files, timeout=30)
     assert assert_error(r, 422, "invalid_image")["message"].startswith("image 1:")
+
+
+# ---- bodies over the limit -------------------------------------------------------------------
+BIG = 30 * 2**20  # three times the default 10 MiB limit
+
+
+def _big_json() -> bytes:
+    return b'{"tokens": [' + b"0," * (BIG // 2) + b"0]}"
+
+
+def test_urllib_reads_the_413_after_sending_30_mb(server):
+    req = urllib.request.Request(f"{server[0]}/decode", data=_big_json(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:  # urllib also asks for Connection: close
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 413
+    assert json.loads(err.value.read())["error"]["code"] == "payload_too_large"
+
+
+def test_httpx_reads_the_413_and_keeps_its_connection(server):
+    with httpx.Client(base_url=server[0], timeout=30) as client:
+        r = client.post("/decode", content=_big_json(),
+                        headers={"Content-Type": "application/json"})
+        assert_error(r, 413, "payload_too_large")
+        assert r.headers.get("connection") != "close"  # the whole body was read: reusable
+        # chunked, with no Content-Length: over the limit while streaming
+        r = client.post("/decode", content=iter([b"0" * 2**20] * 30),
+                        headers={"Content-Type": "application/json"})
+        assert_error(r, 413, "payload_too_large")
+        assert client.get("/healthz").status_code == 200
+
+
+def test_expect_100_continue_gets_the_413_without_sending_the_body(server):
+    port = int(server[0].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /decode HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  b"Expect: 100-continue\r\n" + f"Content-Length: {BIG}\r\n\r\n".encode())
+        answer = b""
+        while b"}" not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), head  # no "100 Continue" first
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
