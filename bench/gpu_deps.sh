@@ -5,7 +5,8 @@
 #   source bench/gpu_deps.sh && gpu_deps "$PY"   (bench/gpu.sh): exports PYTHONPATH
 #   bash bench/gpu_deps.sh [PYTHON]              prints the PYTHONPATH to use
 #
-# When PYTHON cannot import the serving packages, it installs them from the wheelhouse that
+# When PYTHON cannot import the serving packages, or lacks a distribution that the
+# wheelhouse's requirements.txt names, it installs them from the wheelhouse that
 # `make gpu-wheels` builds (GPU_WHEELS, default wheels/gpu) into a private folder
 # (GPU_DEPS_TARGET, default wheels/site/cpXY) with pip --no-index, and puts that folder first
 # on PYTHONPATH. The host's own site-packages (torch, numpy) stay as they are. A Python without
@@ -15,8 +16,22 @@
 GPU_DEPS_MODULES="fastapi starlette pydantic pydantic_core pydantic_settings uvicorn httptools \
 uvloop multipart prometheus_client safetensors PIL"
 
-_gpu_deps_import() { # PYTHON: do the serving packages import?
-  "$1" -c "import ${GPU_DEPS_MODULES// /, }" 2>/dev/null
+# PYTHON [REQUIREMENTS]: do the serving packages import, and is every distribution that
+# the wheelhouse names installed (any version)?
+_gpu_deps_ready() {
+  "$1" - "$GPU_DEPS_MODULES" "${2:-}" 2>/dev/null <<'PYCHECK'
+import importlib
+import importlib.metadata as md
+import sys
+
+for module in sys.argv[1].split():
+    importlib.import_module(module)
+if sys.argv[2]:
+    for line in open(sys.argv[2]):
+        name = line.split("#")[0].split("==")[0].strip()
+        if name:
+            md.distribution(name)
+PYCHECK
 }
 
 gpu_deps() {
@@ -24,18 +39,20 @@ gpu_deps() {
   local root
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   local wheels=${GPU_WHEELS:-$root/wheels/gpu}
-  if [ "${GPU_DEPS_FORCE:-0}" != 1 ] && _gpu_deps_import "$py"; then
+  local reqs=""
+  [ -f "$wheels/requirements.txt" ] && reqs=$wheels/requirements.txt
+  if [ "${GPU_DEPS_FORCE:-0}" != 1 ] && _gpu_deps_ready "$py" "$reqs"; then
     return 0
   fi
   local tag target
   tag=$("$py" -c 'import sys; print("cp%d%d" % sys.version_info[:2])') || return 1
   target=${GPU_DEPS_TARGET:-$root/wheels/site/$tag}
   export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
-  if [ "${GPU_DEPS_FORCE:-0}" != 1 ] && [ -d "$target" ] && _gpu_deps_import "$py"; then
+  if [ "${GPU_DEPS_FORCE:-0}" != 1 ] && [ -d "$target" ] && _gpu_deps_ready "$py" "$reqs"; then
     echo "gpu_deps: serving packages from $target" >&2
     return 0
   fi
-  if [ ! -f "$wheels/requirements.txt" ]; then
+  if [ -z "$reqs" ]; then
     echo "gpu_deps: $py cannot import the serving packages and $wheels holds no wheelhouse;" \
          "build one where PyPI is reachable (make gpu-wheels GPU_PYTHON=${tag:2:1}.${tag:3})" \
          "and copy it here" >&2
@@ -55,7 +72,7 @@ gpu_deps() {
   PIP_CONFIG_FILE=/dev/null "${pip[@]}" install --isolated --no-index --find-links "$wheels" \
     --only-binary=:all: --disable-pip-version-check --no-warn-script-location --root-user-action=ignore --quiet \
     --target "$target" -r "$wheels/requirements.txt" >&2 || return 1
-  _gpu_deps_import "$py" || {
+  _gpu_deps_ready "$py" "$reqs" || {
     echo "gpu_deps: installed into $target, yet $py still cannot import: $GPU_DEPS_MODULES" >&2
     return 1
   }

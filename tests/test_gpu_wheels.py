@@ -136,3 +136,16 @@ def test_gpu_deps_leaves_a_complete_python_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "PYTHONPATH="
     assert not (tmp_path / "site").exists()
+
+
+def test_gpu_deps_installs_when_the_wheelhouse_names_a_missing_distribution(tmp_path):
+    # The imports work, but the wheelhouse asks for a distribution this Python lacks: it goes to
+    # the wheelhouse (which here has no wheel for it, so pip fails, offline and at once).
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "requirements.txt").write_text("# test\ntaming-absent-dist==1.0\n")
+    proc = _run_deps(Path(sys.executable), {"GPU_WHEELS": str(wheels),
+                                            "GPU_DEPS_TARGET": str(tmp_path / "site")})
+    assert proc.returncode != 0
+    assert "installing the serving packages" in proc.stderr
+    assert "taming-absent-dist" in proc.stderr
