@@ -47,10 +47,14 @@ def test_vqvae_then_transformer_on_a_real_slice(root, tmp_path):
               "--epochs", "2", "--limit", "256", "--resume", *TINY_VQ)
     assert out.returncode == 0 and "resumed" in out.stdout
     assert json.loads((ck / "config.json").read_text())["training"]["vqvae"]["epochs"] == 2
-    out = run(root, "evaluate-vqvae", "--checkpoint", str(ck))
+    out = run(root, "evaluate-vqvae", "--checkpoint", str(ck), "--train-images", "500",
+              "--classifier", str(root / "checkpoints" / "mnist" / "classifier.safetensors"))
     assert out.returncode == 0, out.stderr[-2000:]
     ev = json.loads((ck / "config.json").read_text())["evaluation"]["vqvae"]
     assert 0 < ev["psnr_db"] and 0 < ev["code_usage"] <= 1 and ev["images"] == 500
+    # a tokenizer trained for two epochs on 256 digits is far from the real training digits
+    assert ev["train_images"] == 500 and ev["fid_ratio_reconstructions"] > 1
+    assert 0 < ev["domain_fid_real_train"] < ev["domain_fid_reconstructions_train"]
 
     out = run(root, "transformer", "--checkpoint", str(ck), "--run-dir", str(runs / "gpt"),
               "--epochs", "1", "--limit", "256", *TINY_GPT)
@@ -60,6 +64,15 @@ def test_vqvae_then_transformer_on_a_real_slice(root, tmp_path):
     codes = sample(b.gpt, make_batch(b.gpt.config, 2, (7, 7), label=3,
                                      generator=torch.Generator().manual_seed(0)), (7, 7))
     assert b.vqvae.decode(codes.view(2, 7, 7)).shape == (2, 1, 28, 28)
+    out = run(root, "evaluate-generator", "--checkpoint", str(ck), "--samples", "200",
+              "--train-images", "500", "--classifier",
+              str(root / "checkpoints" / "mnist" / "classifier.safetensors"), "--no-write")
+    assert out.returncode == 0, out.stderr[-2000:]
+    ev = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ev["samples"] == 200 and 0 <= ev["class_accuracy"] <= 1 and 0 < ev["sample_code_usage"] <= 1
+    # one epoch on 256 digits: the samples sit farther from the test digits than real digits do
+    assert ev["fid_ratio_samples"] > 1 and ev["domain_fid_samples"] > ev["domain_fid_real_train"]
+    assert "generator" not in json.loads((ck / "config.json").read_text()).get("evaluation", {})
 
 
 def test_torchrun_two_processes_gloo(root, tmp_path):

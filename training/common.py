@@ -58,32 +58,61 @@ def all_mean(value: float, d: Dist, device: torch.device) -> float:
 
 def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
     """Resumable training state in safetensors (no pickle): weights, optimizer tensors, JSON meta."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone()
-               for k, v in model.state_dict().items()}
-    osd = opt.state_dict()
-    for pid, st in osd["state"].items():
-        for k, v in st.items():
-            t = v if torch.is_tensor(v) else torch.tensor(v)
-            tensors[f"opt.{pid}.{k}"] = t.detach().cpu().contiguous().clone()
-    meta = dict(meta, param_groups=osd["param_groups"])
+    save_states(path, {"model": model}, {"opt": opt}, meta)
+
+
+def load_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    return load_states(path, {"model": model}, {"opt": opt})
+
+
+def save_states(path: Path, modules: dict[str, torch.nn.Module],
+                optimizers: dict[str, torch.optim.Optimizer], meta: dict) -> None:
+    """Several modules and optimizers in one safetensors file, each under its own key prefix.
+
+    Tensors are `NAME.<state key>` for modules and `NAME.<param id>.<key>` for optimizers; the
+    param groups go into the JSON meta (`param_groups` for an optimizer named `opt`, so files
+    written before there were several still load).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        tensors.update({f"{name}.{k}": v.detach().cpu().contiguous().clone()
+                        for k, v in module.state_dict().items()})
+    groups = {}
+    for name, opt in optimizers.items():
+        osd = opt.state_dict()
+        for pid, st in osd["state"].items():
+            for k, v in st.items():
+                t = v if torch.is_tensor(v) else torch.tensor(v)
+                tensors[f"{name}.{pid}.{k}"] = t.detach().cpu().contiguous().clone()
+        groups[name] = osd["param_groups"]
+    meta = dict(meta, param_groups=groups.pop("opt", None), optimizer_groups=groups)
     tmp = Path(str(path) + ".tmp")
     save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
     os.replace(tmp, path)
 
 
-def load_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+def load_states(path: Path, modules: dict[str, torch.nn.Module],
+                optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    """Restore what `save_states` wrote into the given modules and optimizers; returns the meta."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["meta"])
     tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    groups = dict(meta.pop("optimizer_groups", {}), opt=meta.pop("param_groups", None))
+    for name, module in modules.items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    for name, opt in optimizers.items():
+        if groups.get(name) is None:
+            raise KeyError(f"{path}: no optimizer state named {name!r}")
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith(name + ".") and k.count(".") >= 2:
+                _, pid, key = k.split(".", 2)
+                if pid.isdigit():
+                    state.setdefault(int(pid), {})[key] = v
+        opt.load_state_dict({"state": state, "param_groups": groups[name]})
     return meta
 
 

@@ -17,9 +17,19 @@ from models.gpt import GPT, GPTConfig
 from models.images import tile, to_uint8
 from models.sampling import SamplingBatch, make_batch, sample
 
-from .classifier import frechet_distance, load_or_train_classifier
-from .common import all_mean, batches, load_state, progress, save_state, seed_everything, setup_distributed
+from .classifier import load_or_train_classifier
+from .common import (
+    all_mean,
+    batches,
+    load_state,
+    pick_device,
+    progress,
+    save_state,
+    seed_everything,
+    setup_distributed,
+)
 from .data import Split, augment, load_dataset
+from .evaluation import Reference, add_reference_args, code_usage, tokenizer_report
 
 DEFAULT_SAMPLING = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_scale": 1.0}
 
@@ -56,12 +66,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write", action="store_true", help="print only; leave config.json alone")
     p.add_argument("--key", default="generator", help="name of the result inside evaluation")
-    p.add_argument("--classifier-steps", type=int, default=1500,
-                   help="training steps of the evaluation classifier when none is shipped yet")
+    add_reference_args(p)
 
 
 @torch.no_grad()
@@ -214,14 +222,14 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    """Class accuracy of conditional samples and the domain FID against the test set."""
+    """Class accuracy and domain FID of conditional samples, beside the tokenizer's own figures
+    (real training images: the floor; reconstructions of training images), all against the test set."""
     folder = Path(args.checkpoint)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = str(pick_device(args.device))
     bundle = load_bundle(folder, device=device, require_gpt=True)
     data = load_dataset(bundle.config["dataset"])
     clf = load_or_train_classifier(folder, data, device=device, seed=args.seed,
-                                   steps=args.classifier_steps)
+                                   steps=args.classifier_steps, path=args.classifier)
     settings = dict(bundle.config.get("sampling_defaults") or DEFAULT_SAMPLING)
     if args.cfg_scale is not None:
         settings["cfg_scale"] = args.cfg_scale
@@ -231,21 +239,18 @@ def evaluate(args: argparse.Namespace) -> dict:
     n_classes = bundle.gpt.config.n_classes
     labels = [i % n_classes for i in range(args.samples)]
     t0 = time.time()
-    images, _ = sample_images(bundle, bundle.gpt, labels, args.seed, args.batch_size, **settings)
+    images, codes = sample_images(bundle, bundle.gpt, labels, args.seed, args.batch_size, **settings)
     sample_seconds = time.time() - t0
-    pred = clf.predict(images)
-    accuracy = float((pred == torch.tensor(labels)).float().mean())
-    test_feats = clf.features(data.test.images)
-    recon = tokenize_and_decode(bundle, data.test.images)
-    fid_samples = frechet_distance(clf.features(images), test_feats)
-    fid_recon = frechet_distance(clf.features(recon), test_feats)
+    ref = Reference(clf, data, args.train_images, args.seed)
+    fid_samples = ref.fid(images)
     result = {
-        "settings": {k: v for k, v in settings.items()},
-        "samples": len(images), "class_accuracy": round(accuracy, 4),
-        "classifier_test_accuracy": clf.test_accuracy,
+        "settings": dict(settings),
+        "samples": len(images),
+        "class_accuracy": round(ref.accuracy(images, torch.tensor(labels)), 4),
         "domain_fid_samples": round(fid_samples, 3),
-        "domain_fid_reconstructions": round(fid_recon, 3),
-        "fid_ratio": round(fid_samples / max(fid_recon, 1e-9), 3),
+        "fid_ratio_samples": round(fid_samples / max(ref.fid_real, 1e-9), 3),
+        "sample_code_usage": code_usage(codes, bundle.vqvae.config.codebook_size),
+        **tokenizer_report(bundle.vqvae, ref),
         "sampling_images_per_s": round(len(images) / sample_seconds, 1),
         "device": device,
     }
@@ -255,11 +260,3 @@ def evaluate(args: argparse.Namespace) -> dict:
         write_config(folder, cfg)
     print(json.dumps(result))
     return result
-
-
-def tokenize_and_decode(bundle, images: torch.Tensor) -> torch.Tensor:
-    """The tokenizer's reconstructions, uint8: the floor of the domain FID."""
-    return _in_batches(bundle.vqvae, images, lambda vq, x: (
-        vq.decode(vq.encode(x)).clamp(0, 1) * 255).round().to(torch.uint8))
-
-

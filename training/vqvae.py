@@ -1,4 +1,4 @@
-"""Train and evaluate the VQ-VAE tokenizer; writes a servable checkpoint folder."""
+"""Train and evaluate the tokenizer (VQ-VAE, or VQGAN with --loss vqgan); writes a servable checkpoint."""
 
 from __future__ import annotations
 
@@ -16,8 +16,21 @@ from models.checkpoint import load_bundle, read_config, save_vqvae, write_config
 from models.images import tile, to_uint8
 from models.vqvae import VQVAE, VQVAEConfig
 
-from .common import all_mean, batches, load_state, progress, save_state, seed_everything, setup_distributed
+from .classifier import load_or_train_classifier
+from .common import (
+    all_mean,
+    batches,
+    load_states,
+    pick_device,
+    progress,
+    save_states,
+    seed_everything,
+    setup_distributed,
+)
 from .data import load_dataset
+from .evaluation import Reference, add_reference_args, tokenizer_report
+from .perceptual import PerceptualLoss, PerceptualNet, load_perceptual, save_perceptual, train_perceptual
+from .vqgan import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, set_requires_grad
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +51,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/state.safetensors")
+    g = p.add_argument_group("VQGAN (--loss vqgan)")
+    g.add_argument("--loss", choices=["mse", "vqgan"], default="mse",
+                   help="mse: pixel MSE (VQ-VAE); vqgan: L1 + perceptual + patch-adversarial")
+    g.add_argument("--perceptual", default=None,
+                   help="feature net for the perceptual loss (default RUN_DIR/perceptual.safetensors, "
+                        "trained on the training split first when missing)")
+    g.add_argument("--perceptual-weight", type=float, default=1.0)
+    g.add_argument("--perceptual-epochs", type=int, default=2, help="when the feature net is trained here")
+    g.add_argument("--disc-start", type=int, default=2000,
+                   help="plain reconstruction steps before the discriminator switches on")
+    g.add_argument("--disc-weight", type=float, default=0.8, help="times the adaptive weight")
+    g.add_argument("--disc-lr", type=float, default=None, help="default: --lr")
+    g.add_argument("--disc-width", type=int, default=32)
+    g.add_argument("--disc-layers", type=int, default=2)
+    g.add_argument("--init", default=None,
+                   help="start from this checkpoint folder's tokenizer (its architecture replaces the "
+                        "--widths/--codebook-size/... arguments): a trained VQ-VAE as the warm-up")
 
 
 def _save_recon_png(model: VQVAE, x: torch.Tensor, path: Path) -> None:
@@ -48,6 +78,28 @@ def _save_recon_png(model: VQVAE, x: torch.Tensor, path: Path) -> None:
     Image.fromarray(tile(to_uint8(pairs.cpu()), cols=16).squeeze(-1)).save(path)
 
 
+def _psnr(model: VQVAE, x: torch.Tensor) -> float:
+    """PSNR (dB) of the reconstructions of a fixed monitoring slice of the test split."""
+    model.eval()
+    with torch.no_grad():
+        mse = float(((model(x)[0] - x) ** 2).mean())
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def _perceptual_net(args: argparse.Namespace, data, run_dir: Path, d, device) -> tuple[PerceptualNet, str]:
+    """Load the feature net, training it on the training split first when the file is missing."""
+    path = Path(args.perceptual or run_dir / "perceptual.safetensors")
+    if d.main and not path.is_file():
+        print(f"training the perceptual feature net -> {path}", flush=True)
+        net = train_perceptual(data, epochs=args.perceptual_epochs, seed=args.seed, device=device,
+                               limit=args.limit)
+        save_perceptual(net, path, {"dataset": args.dataset, "epochs": args.perceptual_epochs,
+                                    "seed": args.seed, "train_images": args.limit or len(data.train)})
+    if d.world > 1:
+        torch.distributed.barrier()
+    return load_perceptual(path).to(device), str(path)
+
+
 def train(args: argparse.Namespace) -> Path:
     d, device = setup_distributed(args.device)
     seed_everything(args.seed)
@@ -56,61 +108,129 @@ def train(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     run_dir = Path(args.run_dir or Path("runs") / out.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = VQVAEConfig(
-        image_size=data.image_size, channels=data.channels, downsample=args.downsample,
-        widths=tuple(int(w) for w in args.widths.split(",")), res_blocks=args.res_blocks,
-        codebook_size=args.codebook_size, code_dim=args.code_dim, quantizer=args.quantizer,
-        beta=args.beta)
-    model = VQVAE(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    vqgan = args.loss == "vqgan"
+    if vqgan:
+        feature_net, feature_path = _perceptual_net(args, data, run_dir, d, device)
+        perceptual = PerceptualLoss(feature_net)
+        seed_everything(args.seed)  # the same tokenizer init whether or not the net was trained here
+    init_training = None
+    if args.init:
+        init = load_bundle(args.init)
+        model, init_training = init.vqvae.train().to(device), init.config.get("training", {}).get("vqvae")
+        cfg = model.config
+        if (cfg.image_size, cfg.channels) != (data.image_size, data.channels):
+            raise SystemExit(f"--init {args.init}: a tokenizer for {cfg.image_size}x{cfg.channels} images")
+    else:
+        cfg = VQVAEConfig(
+            image_size=data.image_size, channels=data.channels, downsample=args.downsample,
+            widths=tuple(int(w) for w in args.widths.split(",")), res_blocks=args.res_blocks,
+            codebook_size=args.codebook_size, code_dim=args.code_dim, quantizer=args.quantizer,
+            beta=args.beta)
+        model = VQVAE(cfg).to(device)
+    # the GAN's Adam betas (as in the paper) in VQGAN mode, the defaults otherwise
+    betas = (0.5, 0.9) if vqgan else (0.9, 0.999)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=betas)
     steps_per_epoch = math.ceil(len(train_x) // d.world / args.batch_size)
     total = max(1, steps_per_epoch * args.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+    def lr_factor(s: int) -> float:  # linear warm-up, cosine to zero
+        return min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)]
+    modules: dict[str, torch.nn.Module] = {"model": model}
+    optimizers = {"opt": opt}
+    if vqgan:
+        disc = PatchDiscriminator(cfg.channels, args.disc_width, args.disc_layers).to(device)
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr or args.lr, betas=betas)
+        scheds.append(torch.optim.lr_scheduler.LambdaLR(disc_opt, lr_factor))
+        modules["disc"], optimizers["disc_opt"] = disc, disc_opt
     start_epoch = 0
     state_path = run_dir / "state.safetensors"
     if args.resume and state_path.is_file():
-        meta = load_state(state_path, model, opt)
+        meta = load_states(state_path, modules, optimizers)
+        if meta.get("loss", "mse") != args.loss:
+            raise SystemExit(f"{state_path} holds a --loss {meta.get('loss', 'mse')} run, not {args.loss}")
         start_epoch = meta["epoch"]
         for _ in range(start_epoch * steps_per_epoch):
-            sched.step()
+            for sched in scheds:
+                sched.step()
         if d.main:
             print(f"resumed from {state_path} at epoch {start_epoch}")
-    ddp = model
+    ddp, ddisc = model, modules.get("disc")
     if d.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)  # the quantizer syncs its own buffers
+        ids = [device.index] if device.type == "cuda" else None
+        # the quantizer syncs its own buffers
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        if vqgan:
+            ddisc = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
     fixed = data.test.floats()[:64].to(device)
+    monitor = data.test.floats()[:1000].to(device)
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(start_epoch):
         torch.randperm(len(train_x), generator=g)  # keep the shuffles of a resumed run
+    last_layer = model.decoder.net[-1].weight
+    step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.time()
+        sums: dict[str, float] = {}
         bar = progress(batches(len(train_x), args.batch_size, d, g), d.main,
                        desc=f"epoch {epoch + 1}/{args.epochs}")
         for idx in bar:
             x = train_x[idx].to(device).float() / 255.0
             recon, codes, qloss, stats = ddp(x)
-            rec = F.mse_loss(recon, x)
-            loss = rec + qloss
+            logs = {"usage": stats["usage"]}
+            if vqgan:
+                rec = (recon - x).abs().mean()
+                p_loss = perceptual(x, recon).mean()
+                nll = rec + args.perceptual_weight * p_loss
+                logs.update(l1=rec.item(), perc=p_loss.item())
+            else:
+                rec = nll = F.mse_loss(recon, x)
+                logs["mse"] = rec.item()
+            loss = nll + qloss
+            gan_on = vqgan and step >= args.disc_start
+            if gan_on:
+                set_requires_grad(disc, False)
+                g_loss = hinge_g_loss(disc(recon))
+                weight = all_mean(float(adaptive_weight(nll, g_loss, last_layer)), d, device)
+                loss = loss + args.disc_weight * weight * g_loss
+                logs.update(g=g_loss.item(), w=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{rec.item():.4f}",
-                            usage=f"{stats['usage']:.2f}", ppl=f"{stats['perplexity']:.0f}")
-        rec_mean = all_mean(rec.item(), d, device)
+            if gan_on:
+                set_requires_grad(disc, True)
+                logits = ddisc(torch.cat([x, recon.detach()]))
+                d_loss = hinge_d_loss(logits[: len(x)], logits[len(x):])
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_opt.step()
+                logs["d"] = d_loss.item()
+            for sched in scheds:
+                sched.step()
+            step += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v:.3f}" if k != "w" else f"{v:.2g}" for k, v in logs.items()})
+        means = {k: round(all_mean(v / max(1, len(bar)), d, device), 5) for k, v in sums.items()}
         if d.main:
-            save_state(state_path, model, opt, {"epoch": epoch + 1})
+            save_states(state_path, modules, optimizers, {"epoch": epoch + 1, "loss": args.loss})
             _save_recon_png(model, fixed, run_dir / f"recon_epoch{epoch + 1:03d}.png")
-            save_vqvae(out, model, {
-                "name": out.name, "dataset": args.dataset, "classes": data.classes,
-                "training": {"vqvae": {"epochs": epoch + 1, "batch_size": args.batch_size,
-                                        "lr": args.lr, "seed": args.seed, "world_size": d.world,
-                                        "train_images": len(train_x), "device": str(device)}}})
-            print(json.dumps({"epoch": epoch + 1, "mse": round(rec_mean, 5),
+            info = {"epochs": epoch + 1, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                    "world_size": d.world, "train_images": len(train_x), "device": str(device)}
+            if args.init:
+                info["init"] = {"from": args.init, "training": init_training}
+            if vqgan:
+                info.update(loss="vqgan", perceptual_weight=args.perceptual_weight,
+                            perceptual_net=feature_path, disc_start=args.disc_start,
+                            disc_weight=args.disc_weight, disc_lr=args.disc_lr or args.lr,
+                            disc_width=args.disc_width, disc_layers=args.disc_layers)
+            # the serving checkpoint: the tokenizer only (the discriminator stays in the state file)
+            save_vqvae(out, model, {"name": out.name, "dataset": args.dataset, "classes": data.classes,
+                                    "training": {"vqvae": info}})
+            print(json.dumps({"epoch": epoch + 1, "step": step, **means,
+                              "test_psnr_1k": round(_psnr(model, monitor), 3),
                               "seconds": round(time.time() - t0, 1)}), flush=True)
     if d.world > 1:
         torch.distributed.barrier()
@@ -141,14 +261,29 @@ def measure(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> dict:
             "images": len(images)}
 
 
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--device", default="auto")
+    add_reference_args(p)
+    p.add_argument("--no-write", action="store_true", help="print only; leave config.json alone")
+    p.add_argument("--key", default="vqvae", help="name of the result inside evaluation")
+
+
 def evaluate(args: argparse.Namespace) -> dict:
+    """Held-out PSNR/usage/perplexity, then the domain FID of reconstructions of training images."""
     folder = Path(args.checkpoint)
-    bundle = load_bundle(folder, device=args.device if args.device != "auto" else "cpu")
+    device = pick_device(args.device)
+    bundle = load_bundle(folder, device=device)
     data = load_dataset(bundle.config["dataset"])
     result = measure(bundle.vqvae, data.test.images)
     result["split"] = "test"
-    cfg = read_config(folder)
-    cfg.setdefault("evaluation", {})["vqvae"] = result
-    write_config(folder, cfg)
+    clf = load_or_train_classifier(folder, data, device=device, seed=args.seed,
+                                   steps=args.classifier_steps, path=args.classifier)
+    result.update(tokenizer_report(bundle.vqvae, Reference(clf, data, args.train_images, args.seed)))
+    result["device"] = str(device)
+    if not args.no_write:
+        cfg = read_config(folder)
+        cfg.setdefault("evaluation", {})[args.key] = result
+        write_config(folder, cfg)
     print(json.dumps(result))
     return result
