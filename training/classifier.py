@@ -68,8 +68,9 @@ class Classifier(nn.Module):
 
 
 def train_classifier(data, device="cpu", steps: int = 1500, seed: int = 0, arch: int = 2,
-                     show: bool = False) -> Classifier:
-    """Train on the real training split (random shifts of up to 2 pixels), one-cycle schedule."""
+                     show: bool = False, flip: bool = False) -> Classifier:
+    """Train on the real training split (random shifts of up to 2 pixels; with `flip`, half the
+    batches mirrored left-right, for data sets whose classes are symmetric), one-cycle schedule."""
     torch.manual_seed(seed)
     clf = Classifier(data.channels, len(data.classes), arch=arch).to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
@@ -87,6 +88,8 @@ def train_classifier(data, device="cpu", steps: int = 1500, seed: int = 0, arch:
             # small random shifts make the features robust to generator jitter
             dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
             xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+            if flip and torch.rand((), generator=g) < 0.5:
+                xb = xb.flip(3)
             loss = F.cross_entropy(clf(xb), y[idx].to(device))
             opt.zero_grad()
             loss.backward()
@@ -132,6 +135,8 @@ def add_args(p) -> None:
     p.add_argument("--out", required=True, help="safetensors file to write, e.g. checkpoints/NAME/"
                                                + CLASSIFIER_FILE)
     p.add_argument("--steps", type=int, default=6000, help="training steps of batch 128")
+    p.add_argument("--flip", action="store_true",
+                   help="mirror half the batches left-right (clothes, not digits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
@@ -144,8 +149,9 @@ def main(args) -> Classifier:
     data = load_dataset(args.dataset)
     t0 = time.time()
     clf = train_classifier(data, device=pick_device(args.device), steps=args.steps, seed=args.seed,
-                           show=True)
-    save_classifier(clf, args.out, {"dataset": args.dataset, "steps": args.steps, "seed": args.seed})
+                           show=True, flip=args.flip)
+    save_classifier(clf, args.out, {"dataset": args.dataset, "steps": args.steps, "seed": args.seed,
+                                    "flip": args.flip})
     print(json.dumps({"test_accuracy": clf.test_accuracy, "test_images": len(data.test),
                       "steps": args.steps, "seconds": round(time.time() - t0, 1)}), flush=True)
     return clf
