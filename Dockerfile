@@ -46,15 +46,15 @@ RUN pip install . \
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 
 ARG TORCH_VARIANT=cpu
-# torch.compile on CUDA: inductor emits Triton kernels, and Triton builds its CUDA driver
-# module (C that includes Python.h and links the host's libcuda, so it cannot be built here)
-# with the system C compiler on first use. The CUDA image therefore carries gcc and the C
-# library headers; Python's headers come with the base image. The CPU image carries none.
-RUN if [ "$TORCH_VARIANT" != cpu ]; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends gcc libc6-dev \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi
+# The server torch.compiles its generation step at start-up (TAMING_COMPILE), and each device
+# needs its own compiler for that: on CPU, inductor writes C++ kernels (OpenMP) and builds them
+# with g++; on CUDA it emits Triton kernels, and Triton builds its CUDA driver module (C that
+# includes Python.h and links the host's libcuda, so it cannot be built ahead here) with the
+# system C compiler, gcc. Python's headers come with the base image.
+RUN if [ "$TORCH_VARIANT" = cpu ]; then compiler="g++"; else compiler="gcc libc6-dev"; fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends $compiler \
+    && rm -rf /var/lib/apt/lists/*
 LABEL org.opencontainers.image.title="taming-server" \
       org.opencontainers.image.description="Taming Transformers (VQ-VAE + sliding-window GPT) as a batched HTTP service" \
       org.opencontainers.image.licenses="MIT" \
