@@ -3,17 +3,20 @@
 A checkpoint that cannot be served stops start-up with a one-line reason and exit code 2.
 SIGTERM (or Ctrl-C) drains: /readyz turns 503, new inference requests get 503, in-flight and
 queued ones finish, then the process exits 0. A second signal forces the exit.
+`python -m service --help` lists the settings (environment variables) and exits.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
+import textwrap
 import time
 
 import torch
 import uvicorn
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from models.checkpoint import CheckpointError
 
@@ -62,7 +65,39 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def main() -> int:
+def settings_help() -> str:
+    """One entry per setting: its environment variable(s), default and description."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    out = ["settings (environment variables; lists are comma-separated):"]
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env = (" or ".join(map(str, alias.choices)) if isinstance(alias, AliasChoices)
+               else f"{prefix}{name}".upper())
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        out.append(f"  {env} (default: {default if default != '' else 'empty'})")
+        out += textwrap.wrap(field.description or "", 88, initial_indent=" " * 6,
+                             subsequent_indent=" " * 6)
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """No options beyond --help: the server is configured by the environment."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the checkpoints over HTTP (see docs/api.md).",
+        epilog=settings_help())
+    return parser.parse_args(argv)
+
+
+def drain_timeout(settings: Settings) -> float:
+    """Queued work cannot outlive its deadline: the grace period, one deadline, a margin."""
+    return settings.shutdown_grace_s + settings.request_timeout_s + 5.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     try:
         settings = Settings()
     except ValidationError as e:
@@ -82,7 +117,7 @@ def main() -> int:
     app = create_app(settings, models=loaded)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), access_log=False,
-                            timeout_graceful_shutdown=settings.drain_timeout_s, lifespan="on")
+                            timeout_graceful_shutdown=drain_timeout(settings), lifespan="on")
     server = DrainingServer(config, app.state.service.begin_drain, settings.shutdown_grace_s)
     server.run()
     return 0 if server.started else 1

@@ -12,9 +12,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import __version__, errors, logs
+from . import __version__, docs, errors, logs, openapi
 from .deps import require_api_key
-from .direct import DirectRoutes
 from .middleware import RequestMiddleware
 from .registry import ModelEntry
 from .routers import decode, encode, generate, health, playground
@@ -24,20 +23,25 @@ from .state import Service
 
 DESCRIPTION = """
 Taming Transformers as a service: a VQ-VAE tokenizer and a class-conditional transformer with
-sliding-window attention, behind dynamic batching.
+sliding-window attention. Generation batches continuously: requests join and leave the
+sampler at every step.
 
 * `POST /generate` samples images (PNG by default; JSON with tokens under
-  `Accept: application/json`).
+  `Accept: application/json`; rows as they complete under `Accept: text/event-stream`).
 * `POST /encode` turns images into token grids; `POST /decode` turns grids back into images.
 * Every error is `{"error": {"code": ..., "message": ...}}`.
 """
 
 
+# FastAPI's native OpenTelemetry looks its providers up on every request; /metrics serves
+# Prometheus instead
+NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
+
+
 class TamingApp(FastAPI):
-    """FastAPI, with the layers this service owns outside FastAPI's own middleware stack:
-    the request layer (ids, body limit, metrics, access log), CORS when configured, then the
-    direct routes. Only what the direct routes do not serve goes on into FastAPI's stack,
-    whose error and telemetry layers cost a /encode about a sixth of its event-loop time."""
+    """FastAPI, with the layers this service owns (the request layer: ids, body limit,
+    metrics, access log; then CORS when configured) outside FastAPI's own middleware stack,
+    so that even a request FastAPI's stack fails on is counted and logged."""
 
     outer_layers: list[tuple[type, dict]] = []  # outermost first
 
@@ -63,10 +67,10 @@ def create_app(settings: Settings | None = None,
         finally:
             await svc.stop()
 
-    otel = settings.opentelemetry
     app = TamingApp(title="Taming Transformers server", version=__version__,
-                    description=DESCRIPTION, lifespan=lifespan,
-                    telemetry={"tracing": otel, "metrics": otel, "logs": otel})
+                    description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None,
+                    generate_unique_id_function=openapi.operation_id,
+                    telemetry=NO_TELEMETRY)
     app.state.service = svc
     errors.install(app)
     # the key check exists only where keys do: a server without keys pays nothing for it
@@ -74,6 +78,8 @@ def create_app(settings: Settings | None = None,
     for r in (generate.router, encode.router, decode.router, models_router.router):
         app.include_router(r, dependencies=auth)
     app.include_router(health.router)
+    docs.install(app)  # /docs with its assets served here, not from a CDN
+    openapi.document_headers(app)
     app.include_router(playground.router)
     layers: list[tuple[type, dict]] = [(RequestMiddleware, {
         "metrics": svc.metrics, "max_body_bytes": settings.max_body_bytes,
@@ -83,7 +89,5 @@ def create_app(settings: Settings | None = None,
             "allow_origins": settings.cors_origins, "allow_methods": ["GET", "POST"],
             "allow_headers": ["Authorization", "Content-Type", "Accept", "X-Request-ID"],
             "expose_headers": ["X-Seed", "X-Model", "X-Request-ID"]}))
-    if settings.direct_routes:
-        layers.append((DirectRoutes, {"service": svc}))
     app.outer_layers = layers
     return app

@@ -18,6 +18,9 @@ CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_fo
          500: "internal_error", 503: "unavailable", 504: "deadline_exceeded"}
 
 
+RETRY_AFTER = {"Retry-After": "1"}  # seconds: a load balancer retries elsewhere meanwhile
+
+
 class ServiceError(Exception):
     """An error the client should see, with its status, machine code and headers."""
 

@@ -11,7 +11,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -20,6 +23,7 @@ disable_created_metrics()  # the *_created series double /metrics and no dashboa
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0)
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OPERATIONS = ("generate", "encode", "decode")
 REJECT_REASONS = ("queue_full", "deadline", "client_gone", "draining", "out_of_memory")
@@ -28,6 +32,10 @@ REJECT_REASONS = ("queue_full", "deadline", "client_gone", "draining", "out_of_m
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # the standard process_* and python_* series that dashboards and alerts expect
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter("taming_requests", "HTTP requests answered.",
                                 ["endpoint", "model", "status"], registry=r)
         self.request_duration = Histogram(
@@ -53,6 +61,16 @@ class Metrics:
                                       ["model"], registry=r)
         self.oom_splits = Counter("taming_oom_splits", "Batches split after out-of-memory.",
                                   ["operation", "model"], registry=r)
+        self.slots_active = Gauge("taming_slots_active",
+                                  "Images sampling in the generation engine's slots now.",
+                                  ["model"], registry=r)
+        self.step_duration = Histogram(
+            "taming_step_duration_seconds", "Time one generation step took, by padded size.",
+            ["model", "size"], buckets=STEP_BUCKETS, registry=r)
+        self.time_to_first_row = Histogram(
+            "taming_time_to_first_row_seconds",
+            "Time from a /generate request's arrival to its first complete token row.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.model_info = Gauge("taming_model_info", "Loaded models (value 1).",
                                 ["model", "digest", "device"], registry=r)
         for reason in REJECT_REASONS:
@@ -67,6 +85,8 @@ class Metrics:
             self.queue_wait.labels(op, name)
             self.batch_duration.labels(op, name)
         if "generate" in operations:
+            self.slots_active.labels(name).set(0)
+            self.time_to_first_row.labels(name)
             self.images_generated.labels(name)
             self.tokens_sampled.labels(name)
 

@@ -19,7 +19,7 @@ import secrets
 import time
 
 from . import logs
-from .batching import Arrivals
+from .collector import Arrivals
 from .errors import error_response
 from .metrics import Metrics
 
@@ -27,7 +27,7 @@ log = logging.getLogger("taming.http")
 
 LOG_KEY = "taming.log"
 INFERENCE = frozenset({"/generate", "/encode", "/decode"})
-ENDPOINTS = INFERENCE | {"/models", "/healthz", "/readyz", "/metrics", "/docs", "/redoc",
+ENDPOINTS = INFERENCE | {"/models", "/healthz", "/readyz", "/metrics", "/docs",
                          "/openapi.json", "/docs/oauth2-redirect"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # generated ids: a random per-process prefix and a counter (unique, and cheaper than uuid4)
@@ -43,6 +43,8 @@ def endpoint_of(path: str) -> str:
         return path
     if path.startswith("/models/") and path.count("/") == 2:
         return "/models/{name}"
+    if path.startswith("/docs/assets/"):
+        return "/docs/assets"
     return "other"
 
 

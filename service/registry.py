@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from models.checkpoint import CONFIG, Bundle, CheckpointError, load_bundle
-from models.sampling import make_batch, sample
+from models.sampling import make_batch
 from models.vqvae import FrozenTokenizer
 
 from .settings import Settings
@@ -151,8 +151,7 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
         defaults.update({k: v for k, v in shipped.items()
                          if k in FALLBACK_DEFAULTS and (v is not None or k == "top_k")})
         entry = ModelEntry(name=name, bundle=bundle, device=device, defaults=defaults,
-                           tokenizer=frozen_tokenizer(bundle.vqvae) if settings.torchscript
-                           else None)
+                           tokenizer=frozen_tokenizer(bundle.vqvae))
         if entry.can_generate:
             try:  # the shipped defaults must be valid settings for this model
                 make_batch(bundle.gpt.config, 1, entry.grid, **{
@@ -177,16 +176,10 @@ def frozen_tokenizer(vq) -> Any:
 
 
 @torch.inference_mode()
-def warm_up(entry: ModelEntry, max_batch_size: int) -> None:
-    """Run each operation once so the first request pays no first-call costs."""
+def warm_up(entry: ModelEntry) -> None:
+    """Run the tokenizer once each way, so the first request pays no first-call costs (the
+    generation engine warms its own steps up)."""
     vq = entry.tokenizer
     c, (h, w) = entry.channels, entry.image_size
     dev = torch.device(entry.device)
-    grid = vq.encode_pixels(torch.zeros(1, h, w, c, dtype=torch.uint8, device=dev))
-    vq.decode_pixels(grid)
-    gpt = entry.bundle.gpt
-    if gpt is not None:
-        gpt.setup_caches(2 * max_batch_size)  # guidance doubles the rows
-        g = torch.Generator().manual_seed(0)
-        batch = make_batch(gpt.config, 1, entry.grid, generator=g)
-        vq.decode_pixels(sample(gpt, batch, entry.grid).view(-1, *entry.grid).to(dev))
+    vq.decode_pixels(vq.encode_pixels(torch.zeros(1, h, w, c, dtype=torch.uint8, device=dev)))

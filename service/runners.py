@@ -1,12 +1,14 @@
-"""What the device thread runs for each operation: collate payloads, compute rows, return numpy.
+"""What the collector's device threads run: collate payloads, compute rows, return numpy.
 
-The engine calls `collate` once per batch and `run` once per forward (a batch is split into
-forwards of at most max_batch_size rows, and halves again on out-of-memory).
+The collector calls `collate` once per batch (on the host) and `run` once per forward (a
+batch is split into forwards of at most max_batch_size rows, and halves again on
+out-of-memory): the copy to the device happens in `run`, inside that split.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +25,32 @@ class GeneratePayload:
     seed: int  # image i uses seed + i
     n: int
     grid: tuple[int, int]
+    model_cfg: Any  # the GPT's config
+
+    def image(self, i: int) -> SamplingBatch:
+        """Image i's row, from its own generator: the same tokens alone or in any batch."""
+        if i == 0:
+            return self.first
+        g = torch.Generator().manual_seed(self.seed + i)
+        return make_batch(self.model_cfg, 1, self.grid, generator=g, **self.settings)
+
+    @property
+    def guided(self) -> bool:
+        return self.settings["cfg_scale"] != 1
+
+    @property
+    def filtered(self) -> bool:
+        top_k = self.settings["top_k"]
+        return self.settings["top_p"] < 1 or (
+            top_k is not None and top_k < self.model_cfg.codebook_size)
 
 
-class GenerateRunner:
+class WideGenerateRunner:
+    """/generate on grids beyond the model's: sliding-window sampling, run to completion."""
+
     operation = "generate"
-    # alone on the device: one KV cache per transformer, and a batch samples for hundreds of
-    # ms, so the next one may as well keep filling meanwhile
+    # a batch samples for seconds and re-forwards its windows (no cache to share): the next
+    # one may as well keep filling meanwhile
     pipelined = False
 
     def __init__(self, entry: ModelEntry) -> None:
@@ -38,13 +60,7 @@ class GenerateRunner:
         self.device = torch.device(entry.device)
 
     def collate(self, payloads: list[GeneratePayload]) -> tuple[SamplingBatch, tuple[int, int]]:
-        cfg = self.gpt.config
-        rows = []
-        for p in payloads:
-            rows.append(p.first)
-            for i in range(1, p.n):  # one generator per image: reproducible alone or batched
-                g = torch.Generator().manual_seed(p.seed + i)
-                rows.append(make_batch(cfg, 1, p.grid, generator=g, **p.settings))
+        rows = [p.image(i) for p in payloads for i in range(p.n)]
         batch = rows[0] if len(rows) == 1 else SamplingBatch.cat(rows)
         return batch, payloads[0].grid
 
@@ -61,11 +77,12 @@ class _TokenizerRunner:
     """Shared by encode and decode: numpy payloads stacked along the first axis.
 
     Numpy in, one tokenizer call, numpy out: on CPU that call is the only point where the
-    batch lets go of the GIL, and taking it back waits for the busy event loop (up to a
-    switch interval) each time. Torch ops from Python would each add such a wait.
+    batch lets go of the GIL, where torch ops from Python would each take it back.
+    On CUDA the batch waits in pinned memory, goes over with a non-blocking copy, and the
+    result comes back with one synchronisation.
     """
 
-    pipelined = True  # stateless, tens of ms per batch: batches run side by side
+    pipelined = True  # stateless, short batches: they run side by side
 
     def __init__(self, entry: ModelEntry) -> None:
         self.model = entry.name
@@ -75,15 +92,15 @@ class _TokenizerRunner:
 
     def collate(self, payloads: list[np.ndarray]) -> torch.Tensor:
         x = torch.from_numpy(payloads[0] if len(payloads) == 1 else np.concatenate(payloads))
-        return x if self.on_cpu else x.to(self.device)
+        return x if self.on_cpu else x.pin_memory()
+
+    def rows(self, batch: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) on the device; the batch itself when that is all of it on CPU."""
+        part = batch if (lo, hi) == (0, len(batch)) else batch[lo:hi]
+        return part if self.on_cpu else part.to(self.device, non_blocking=True)
 
     def numpy(self, x: torch.Tensor) -> np.ndarray:
         return x.numpy() if self.on_cpu else x.cpu().numpy()
-
-    @staticmethod
-    def rows(batch: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi); the batch itself when that is all of it (no slicing op)."""
-        return batch if (lo, hi) == (0, len(batch)) else batch[lo:hi]
 
 
 class EncodeRunner(_TokenizerRunner):
@@ -107,5 +124,5 @@ class DecodeRunner(_TokenizerRunner):
 def runners_for(entry: ModelEntry) -> dict[str, object]:
     out = {"encode": EncodeRunner(entry), "decode": DecodeRunner(entry)}
     if entry.can_generate:
-        out["generate"] = GenerateRunner(entry)
+        out["generate"] = WideGenerateRunner(entry)
     return out

@@ -5,26 +5,52 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from fastapi import Request
 
-from .batching import Arrivals, Engine
+from .collector import Arrivals, Collector
 from .errors import ServiceError
+from .generation import GenerationEngine, Ticket, lane_count
 from .metrics import Metrics
 from .middleware import LOG_KEY
+from .policy import BatchPolicy
 from .registry import ModelEntry, load_models, warm_up
-from .runners import runners_for
+from .runners import GeneratePayload, runners_for
 from .settings import Settings
 
 log = logging.getLogger("taming.service")
 
-INLINE_PIXELS = 16 * 28 * 28
+INLINE_PIXELS = 16 * 28 * 28  # up to a few small images, a hop to the I/O pool costs more
+# CPU only: the model threads yield the GIL's holder sooner (Python's default is 5 ms) and
+# run at a lower priority, so the event loop gets a core first whenever it has work.
+SWITCH_INTERVAL_S = 0.0002
+MODEL_THREAD_NICE = 10
+GPU_TORCH_THREADS = 4  # host-side work of a GPU worker: a few threads, not every core
+COMPILE_BUDGET_S = 240.0
+
+
+def init_model_thread(device: str, threads: int) -> None:
+    """Each model thread: its torch threads; on CPU a lower priority, on CUDA its own stream
+    (work of different threads overlaps, and a copy back waits only for its own kernels)."""
+    torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_stream(torch.cuda.Stream(torch.device(device)))
+        return
+    tid = threading.get_native_id()
+    try:  # Linux: niceness is per thread
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + MODEL_THREAD_NICE))
+    except (AttributeError, OSError) as e:
+        log.warning("model thread priority left as is: %s", e)
 
 
 class Service:
@@ -35,7 +61,8 @@ class Service:
         self._preloaded = models is not None
         self.default_model = settings.default_model
         self.runners: dict[tuple[str, str], Any] = {}
-        self.engine: Engine | None = None
+        self.collector: Collector | None = None
+        self.generators: dict[str, GenerationEngine] = {}
         self.io: ThreadPoolExecutor | None = None
         self.models_json = b""
         self.model_json: dict[str, bytes] = {}
@@ -47,7 +74,6 @@ class Service:
     # ---- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        sys.setswitchinterval(s.switch_interval_ms / 1000)  # process-wide, like the GIL
         if not self._preloaded:
             self.models = await asyncio.to_thread(load_models, s)
         if self.default_model not in self.models:
@@ -59,22 +85,36 @@ class Service:
             self.model_json[name] = json.dumps(entry.info).encode()
         self.models_json = json.dumps({"models": [e.info for e in self.models.values()],
                                        "default": self.default_model}).encode()
-        # one torch thread each: a second multi-threaded OpenMP team slows the model worker's
+        device = next(iter(self.models.values())).device
+        cuda = device.startswith("cuda")
+        budget = s.cpu_budget()
+        if not cuda:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)  # process-wide, like the GIL
+        # one torch thread each: a second multi-threaded OpenMP team slows the model threads
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="taming-io",
                                      initializer=torch.set_num_threads, initargs=(1,))
-        device = next(iter(self.models.values())).device
-        self.engine = Engine(self.metrics, device=device, max_batch_size=s.max_batch_size,
-                             max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
-                             timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
-                             fault_oom_above=s.fault_oom_above, torch_threads=s.worker_threads(),
-                             workers=s.device_workers, nice=s.model_thread_nice,
-                             arrivals=self.arrivals if s.eager_batching else None)
-        await self.engine.start()
-        if s.warmup:
-            for entry in self.models.values():
-                await self.engine.call(warm_up, entry, s.max_batch_size)
+        # CPU: one single-threaded model thread per core (OpenMP teams beside a busy event
+        # loop stall at their barriers); GPU: one thread per stream
+        threads = min(GPU_TORCH_THREADS, budget) if cuda else 1
+        on_thread = partial(init_model_thread, device, threads)
+        self.collector = Collector(
+            self.metrics, BatchPolicy(s.max_batch_size, s.max_wait_ms / 1000.0), device=device,
+            max_queue=s.max_queue, timeout_s=s.request_timeout_s,
+            workers=1 if cuda else budget, on_thread=on_thread, arrivals=self.arrivals)
+        await self.collector.start()
+        deadline = time.monotonic() + COMPILE_BUDGET_S
+        for name, entry in self.models.items():
+            await self.collector.call(warm_up, entry)
+            if not entry.can_generate:
+                continue
+            gen = GenerationEngine(
+                name, entry.bundle.gpt, self.metrics, slots=s.generate_slots,
+                lanes=lane_count(device, budget), compile=s.compile, compile_deadline=deadline,
+                max_queue=s.max_queue, timeout_s=s.request_timeout_s, on_thread=on_thread)
+            self.generators[name] = gen
+            await gen.start()
         if self.draining:
-            self.engine.drain()
+            self.begin_drain()
         self.ready = True
         log.info("ready: %s on %s", ", ".join(self.models), device)
 
@@ -83,14 +123,18 @@ class Service:
         if not self.draining:
             self.drain_started = time.perf_counter()
         self.draining = True
-        if self.engine is not None:
-            self.engine.drain()
+        if self.collector is not None:
+            self.collector.drain()
+        for gen in self.generators.values():
+            gen.drain()
 
     async def stop(self) -> None:
         self.begin_drain()
         self.ready = False
-        if self.engine is not None:
-            await self.engine.close()
+        for gen in self.generators.values():  # their decodes go through the collector
+            await gen.close()
+        if self.collector is not None:
+            await self.collector.close()
         if self.io is not None:
             self.io.shutdown(wait=True)
 
@@ -115,22 +159,59 @@ class Service:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
+    def check_room(self, entry: ModelEntry, operation: str, n: int = 1) -> None:
+        """503 now, before a body is parsed, when the queue for this work is full."""
+        gen = self.generators.get(entry.name) if operation == "generate" else None
+        (gen or self.collector).check_room(n)
+
+    def _admitted(self, ctx: dict) -> bool:
+        """A request that arrived before SIGTERM is served; later ones get 503 (draining)."""
+        began = self.drain_started
+        return began is not None and ctx.get("t0", float("inf")) < began
+
+    @staticmethod
+    def _arrived(ctx: dict, arrivals: Arrivals) -> None:
+        if ctx.pop("arriving", False):
+            arrivals.n -= 1
+
     async def run(self, request: Request, entry: ModelEntry, operation: str, shape: Any,
                   payload: Any, size: int) -> dict[str, np.ndarray]:
-        """Queue the work, wait for its batch, and note timings for the access log."""
+        """Queue work for the collector, wait for its batch, note timings for the access log."""
         ctx = request.scope.get(LOG_KEY, {})
         ctx["images"] = size
         runner = self.runners[(entry.name, operation)]
-        # a request that arrived before SIGTERM is served; later ones get 503 (draining)
-        began = self.drain_started
-        admitted = began is not None and ctx.get("t0", float("inf")) < began
-        if ctx.pop("arriving", False):
-            self.arrivals.n -= 1
-        job = self.engine.submit(runner, shape, payload, size, is_gone=request.is_disconnected,
-                                 admitted=admitted)
+        self._arrived(ctx, self.arrivals)
+        job = self.collector.submit(runner, shape, payload, size, is_gone=request.is_disconnected,
+                                    admitted=self._admitted(ctx))
         try:
-            return await self.engine.result(job)
+            return await self.collector.result(job)
         finally:
             ctx["batch_size"] = job.batch_size
             ctx["queue_ms"] = round(job.queue_s * 1000, 2)
             ctx["compute_ms"] = round(job.compute_s * 1000, 2)
+
+    def can_step(self, entry: ModelEntry, grid: tuple[int, int]) -> bool:
+        """Whether the generation engine samples this grid (the model's own), or the wide lane."""
+        return entry.name in self.generators and tuple(grid) == tuple(entry.grid)
+
+    def sample(self, request: Request, entry: ModelEntry, payload: GeneratePayload,
+               on_row=None) -> Ticket:
+        """Hand a request's images to its model's generation engine."""
+        ctx = request.scope.get(LOG_KEY, {})
+        ctx["images"] = payload.n
+        self._arrived(ctx, self.arrivals)
+        return self.generators[entry.name].submit(
+            payload.n, payload.image, guided=payload.guided, filtered=payload.filtered,
+            grid=payload.grid, on_row=on_row, admitted=self._admitted(ctx))
+
+    def cancel(self, entry: ModelEntry, ticket: Ticket, reason: str) -> None:
+        """Free a ticket's slots at the next step (its client left, or its answer failed)."""
+        self.generators[entry.name].cancel(ticket, reason, ServiceError(
+            499, reason, "the client closed the connection"))
+
+    async def decode(self, entry: ModelEntry, tokens: np.ndarray) -> np.ndarray:
+        """Token grids (n, rows, cols) -> uint8 images, through the collector's decode batches;
+        part of a request already accepted, so never refused for a full queue."""
+        job = self.collector.submit(self.runners[(entry.name, "decode")], tokens.shape[1:],
+                                    tokens, len(tokens), admitted=True)
+        return (await self.collector.result(job))["images"]

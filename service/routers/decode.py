@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from ..bodies import body_schema, json_body
 from ..deps import service_of
 from ..errors import invalid
 from ..imaging import decode_json
@@ -60,15 +60,16 @@ def check_grids(tokens: list, codebook_size: int, max_grid: int, max_images: int
 
 @router.post(
     "/decode", summary="Decode token grids to images (PNG, or JSON)",
+    openapi_extra=body_schema(DecodeRequest, EXAMPLES, required=True),
     responses={200: {"model": DecodeResponse, "content": PNG_CONTENT, "description": (
         "image/png (one image, or a tiled grid for several) with an X-Model header; "
         "application/json when the Accept header asks for it.")},
-               **errors(401, 404, 413, 422, 503, 504)})
-async def decode(request: Request,
-                 body: Annotated[DecodeRequest, Body(openapi_examples=EXAMPLES)]) -> Response:
+               **errors(401, 404, 413, 415, 422, 503, 504)})
+async def decode(request: Request) -> Response:
     svc = service_of(request)
+    body = await json_body(request, DecodeRequest)
     entry = svc.model(body.model, request)
-    svc.engine.check_room()
+    svc.check_room(entry, "decode")
     s = svc.settings
     grids = check_grids(body.tokens, entry.codebook_size, s.max_grid, s.max_images)
     shape = tuple(grids.shape[1:])

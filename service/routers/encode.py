@@ -61,7 +61,7 @@ async def encode(request: Request,
                      "Model name; default: the server's default model."))] = None) -> Response:
     svc = service_of(request)
     entry = svc.model(model, request)
-    svc.engine.check_room()  # before any multipart parsing or image decoding
+    svc.check_room(entry, "encode")  # before any multipart parsing or image decoding
     blobs = await _read_uploads(request, svc.settings.max_images)
     x = await svc.offload(prepare, blobs, entry.channels, entry.image_size,
                           svc.settings.max_image_pixels, pixels=header_pixels(blobs))

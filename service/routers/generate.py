@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from functools import partial
-from typing import Annotated
 
+import numpy as np
 import torch
-from fastapi import APIRouter, Body, Request
-from starlette.responses import Response
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
 
 from models.sampling import make_batch
 
+from ..bodies import body_schema, json_body
 from ..deps import service_of
-from ..errors import invalid
-from ..imaging import generate_json
+from ..errors import ServiceError, invalid
+from ..imaging import b64png, dumps, generate_json
 from ..runners import GeneratePayload
 from ..schemas import GenerateRequest, GenerateResponse
 from . import PNG_CONTENT, errors, images_response
@@ -47,22 +49,47 @@ def flat_prefix(prefix: list | None, cols: int) -> list[int] | None:
     return [t for row in prefix for t in row]
 
 
+SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}, "example": (
+    'event: row\ndata: {"image": 0, "row": 0, "tokens": [...], "png": "..."}\n\n'
+    '...\n\nevent: done\ndata: {"model": "mnist", "seed": 1234, "images": [...]}\n\n')}}
+
+
 @router.post(
-    "/generate", summary="Sample images (PNG, or JSON with tokens)",
-    responses={200: {"model": GenerateResponse, "content": PNG_CONTENT, "description": (
+    "/generate", summary="Sample images (PNG, JSON with tokens, or streamed rows)",
+    openapi_extra=body_schema(GenerateRequest, EXAMPLES, required=False),
+    responses={200: {"model": GenerateResponse, "content": {**PNG_CONTENT, **SSE_CONTENT},
+                     "description": (
         "image/png (one image, or a tiled grid for n > 1) with X-Seed and X-Model headers; "
-        "application/json when the Accept header asks for it.")},
-               **errors(401, 404, 413, 422, 503, 504)})
-async def generate(request: Request,
-                   body: Annotated[GenerateRequest | None, Body(openapi_examples=EXAMPLES)] = None
-                   ) -> Response:
+        "application/json when the Accept header asks for it; with Accept: "
+        "text/event-stream, an event `row` per completed token row of an image (its tokens "
+        "and a PNG preview), then `done` with the JSON answer (or `error`).")},
+               **errors(401, 404, 413, 415, 422, 503, 504)})
+async def generate(request: Request) -> Response:
     svc = service_of(request)
-    req = body or GenerateRequest()
+    req = await json_body(request, GenerateRequest, optional=True) or GenerateRequest()
     entry = svc.model(req.model, request)
     if not entry.can_generate:
         raise invalid(f"model {entry.name!r} has no trained transformer; it can only "
                       "/encode and /decode", "generator_unavailable")
-    svc.engine.check_room(req.n)
+    svc.check_room(entry, "generate", req.n)
+    payload = _payload(svc, entry, req)
+    headers = {"X-Seed": str(payload.seed), "X-Model": entry.name}
+    if svc.can_step(entry, payload.grid) and wants_stream(request):
+        return await stream(request, svc, entry, payload, headers)
+    if svc.can_step(entry, payload.grid):
+        tokens = await _sampled(request, svc, entry, payload)
+        images = await svc.decode(entry, tokens.reshape(-1, *payload.grid))
+    else:  # a wider canvas: sliding-window sampling in the collector's lane
+        out = await svc.run(request, entry, "generate", payload.grid, payload, payload.n)
+        tokens, images = out["tokens"], out["images"]
+    _count(svc, entry, payload)
+    return await images_response(
+        request, svc, images, headers,
+        partial(generate_json, entry.name, payload.seed, tokens=tokens, grid=payload.grid))
+
+
+def _payload(svc, entry, req: GenerateRequest) -> GeneratePayload:
+    """Validate the sampling settings against the model; image 0's row is built here."""
     mr, mc = entry.grid
     grid = (mr, mc)
     if req.grid is not None:
@@ -82,19 +109,111 @@ async def generate(request: Request,
         "cfg_scale": d["cfg_scale"] if req.cfg_scale is None else req.cfg_scale,
         "prefix": flat_prefix(req.prefix, grid[1]),
     }
+    cfg = entry.bundle.gpt.config
     try:
         if req.label is not None:
             settings["label"] = entry.class_index(req.label)
         seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        first = make_batch(entry.bundle.gpt.config, 1, grid,
-                           generator=torch.Generator().manual_seed(seed), **settings)
+        first = make_batch(cfg, 1, grid, generator=torch.Generator().manual_seed(seed),
+                           **settings)
     except ValueError as e:
         raise invalid(str(e)) from e
-    payload = GeneratePayload(first, settings, seed, req.n, grid)
-    out = await svc.run(request, entry, "generate", grid, payload, req.n)
+    return GeneratePayload(first, settings, seed, req.n, grid, cfg)
+
+
+def _count(svc, entry, payload: GeneratePayload) -> None:
     m = svc.metrics
-    m.images_generated.labels(entry.name).inc(req.n)
-    m.tokens_sampled.labels(entry.name).inc(req.n * grid[0] * grid[1])
-    return await images_response(
-        request, svc, out["images"], {"X-Seed": str(seed), "X-Model": entry.name},
-        partial(generate_json, entry.name, seed, tokens=out["tokens"], grid=grid))
+    m.images_generated.labels(entry.name).inc(payload.n)
+    m.tokens_sampled.labels(entry.name).inc(payload.n * payload.grid[0] * payload.grid[1])
+
+
+async def _sampled(request: Request, svc, entry, payload: GeneratePayload) -> np.ndarray:
+    """Tokens (n, T) from the generation engine; a client that leaves frees its slots."""
+    ticket = svc.sample(request, entry, payload)
+    watch = asyncio.ensure_future(_disconnected(request))
+    watch.add_done_callback(lambda w: w.cancelled() or svc.cancel(entry, ticket, "client_gone"))
+    try:
+        return await ticket.future
+    finally:
+        watch.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---- Server-Sent Events ------------------------------------------------------------------
+def wants_stream(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+def _event(name: str, data: bytes | str) -> bytes:
+    data = data if isinstance(data, bytes) else data.encode()
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+
+async def stream(request: Request, svc, entry, payload: GeneratePayload,
+                 headers: dict) -> Response:
+    """Rows as they complete, then the JSON answer. Errors before the first row are plain
+    error answers (the status line is not sent until then); later ones an `error` event."""
+    rows: asyncio.Queue = asyncio.Queue()
+    ticket = svc.sample(request, entry, payload, on_row=lambda *row: rows.put_nowait(row))
+    done = asyncio.ensure_future(ticket.future)
+    first = asyncio.ensure_future(rows.get())
+    try:
+        await asyncio.wait({done, first}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        svc.cancel(entry, ticket, "client_gone")
+        first.cancel()
+        raise
+    if done.done() and done.exception() is not None and rows.empty():
+        first.cancel()
+        raise done.exception()
+    grid = payload.grid
+    grids: dict[int, np.ndarray] = {}
+
+    async def events():
+        finished = False
+        try:
+            pending_first = first
+            while True:
+                if pending_first is not None:
+                    row = await pending_first
+                    pending_first = None
+                elif done.done() and rows.empty():
+                    break
+                else:
+                    getter = asyncio.ensure_future(rows.get())
+                    await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    row = getter.result()
+                image, r, cells = row
+                sofar = grids.setdefault(image, np.zeros(grid, dtype=np.int64))
+                sofar[r] = cells  # rows below: code 0 for now, blacked out in the preview
+                preview = (await svc.decode(entry, sofar[None]))[0]
+                preview[(r + 1) * entry.image_size[0] // grid[0]:] = 0
+                yield _event("row", dumps({"image": image, "row": r, "tokens": cells.tolist(),
+                                           "png": b64png(preview)}))
+            tokens = done.result()
+            images = await svc.decode(entry, tokens.reshape(-1, *grid))
+            _count(svc, entry, payload)
+            body = await svc.offload(partial(generate_json, entry.name, payload.seed,
+                                             tokens=tokens, grid=grid), images,
+                                     pixels=images.size)
+            finished = True
+            yield _event("done", body)
+        except ServiceError as e:
+            finished = True
+            yield _event("error", dumps({"error": {"code": e.code, "message": e.message}}))
+        finally:
+            if not finished:
+                svc.cancel(entry, ticket, "client_gone")
+            done.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache",
+                                      "X-Accel-Buffering": "no"})

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from ..deps import require_metrics_key, service_of
-from ..errors import error_response
+from ..errors import RETRY_AFTER, error_response
 from ..schemas import ErrorBody, Health, Ready
 
 router = APIRouter(tags=["operations"])
@@ -27,10 +27,10 @@ async def readyz(request: Request) -> Response:
     svc = service_of(request)
     if svc.draining:
         return error_response(503, "draining", "the server is shutting down",
-                              {"Retry-After": str(svc.settings.retry_after_s)})
+                              RETRY_AFTER)
     if not svc.ready:
         return error_response(503, "not_ready", "models are still loading",
-                              {"Retry-After": str(svc.settings.retry_after_s)})
+                              RETRY_AFTER)
     return Response(json.dumps({"status": "ready", "models": list(svc.models)}).encode(),
                     media_type="application/json")
 

@@ -1,0 +1,376 @@
+"""The generation engine: continuous batching of /generate at the level of sampling steps.
+
+Each transformer gets `lanes` threads, each with its own `SlotSampler` (a static KV cache of
+rows). A lane loops: admit waiting images into free rows, run one step over the occupied
+rows (padded to a fixed size), hand out what finished. Images join at any step boundary
+and leave the moment their last token is picked, so a request never waits for another
+one's tail. Lanes pull from one shared FIFO, so whichever lane has room takes the next image.
+
+The event loop only submits and cancels; lanes report back with `call_soon_threadsafe`.
+A ticket is the single source of truth for its request: which images are done, whether it
+was cancelled (client gone, deadline), and the future its handler awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.gpt import GPT
+from models.sampling import SamplingBatch
+from models.slots import SlotSampler, compiled_steps
+
+from .errors import RETRY_AFTER, ServiceError
+from .metrics import Metrics
+
+log = logging.getLogger("taming.generation")
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One /generate request in the engine. Lanes touch it under the engine's lock."""
+
+    n: int
+    image: Callable[[int], SamplingBatch]  # image i's seeded one-row batch (built by a lane)
+    guided: bool
+    filtered: bool  # top-k or top-p: the step must sort
+    grid: tuple[int, int]
+    future: asyncio.Future
+    arrival: float
+    on_row: Callable[[int, int, np.ndarray], None] | None = None  # (image, row, tokens)
+    tokens: np.ndarray = field(init=False)
+    left: int = field(init=False)  # images not finished
+    cancelled: str | None = None  # why it must leave (client_gone, deadline)
+    started: float | None = None  # when its first image entered a slot
+    first_row: float | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = np.zeros((self.n, self.grid[0] * self.grid[1]), dtype=np.int64)
+        self.left = self.n
+
+
+@dataclass(eq=False)
+class _Image:
+    ticket: Ticket
+    index: int
+    cond: int = -1
+    uncond: int | None = None
+    pos: int = 0  # cells picked so far
+
+    @property
+    def rows(self) -> list[int]:
+        return [self.cond] if self.uncond is None else [self.cond, self.uncond]
+
+
+class Lane:
+    """One thread, one SlotSampler: steps the rows it holds until told to stop."""
+
+    def __init__(self, engine: GenerationEngine, index: int, sampler: SlotSampler) -> None:
+        self.engine = engine
+        self.index = index
+        self.sampler = sampler
+        self.steps: dict[tuple[int, bool], Callable[[int, bool], None]] = {}  # compiled ones
+        self.free = list(range(sampler.capacity))  # a heap would do; sorted lists stay small
+        self.active: list[_Image] = []
+        self.thread = threading.Thread(target=self._run, name=f"taming-gen-{engine.name}-{index}",
+                                       daemon=True)
+
+    # ---- set-up on the lane's own thread ---------------------------------------------------
+    def prepare(self) -> None:
+        """Compile (optionally) and run every padded size once, filtered and not."""
+        e = self.engine
+        if e.on_thread is not None:
+            e.on_thread()
+        with torch.inference_mode():
+            compiled = compiled_steps(self.sampler, e.compile_mode) if e.compile else None
+            for size in self.sampler.sizes:
+                for filtered in (False, True):
+                    if compiled is not None and time.monotonic() < e.compile_deadline:
+                        compiled(size, filtered)
+                        self.steps[(size, filtered)] = compiled
+                    else:
+                        self.sampler(size, filtered)
+            if compiled is not None and len(self.steps) < 2 * len(self.sampler.sizes):
+                log.warning("%s lane %d: compile budget spent; %d of %d step shapes run eager",
+                            e.name, self.index, 2 * len(self.sampler.sizes) - len(self.steps),
+                            2 * len(self.sampler.sizes))
+            self.sampler.release(list(range(self.sampler.capacity)))
+            if self.sampler.pos.device.type == "cuda":
+                torch.cuda.synchronize()
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _run(self) -> None:
+        e = self.engine
+        try:
+            self.prepare()
+        except BaseException as exc:  # start-up reports it; the lane never serves
+            e._lane_failed(self, exc)
+            return
+        e._lane_ready(self)
+        with torch.inference_mode():
+            while True:
+                joined = e._take(self)
+                if joined is None:
+                    break
+                self._admit(joined)
+                if not self.active:
+                    continue
+                self._step()
+
+    def _admit(self, joined: list[_Image]) -> None:
+        if not joined:
+            return
+        s = self.sampler
+        batches = [im.ticket.image(im.index) for im in joined]
+        s.admit([im.cond for im in joined], [im.uncond for im in joined],
+                batches[0] if len(batches) == 1 else SamplingBatch.cat(batches),
+                self.engine.null_class)
+        self.active.extend(joined)
+
+    def _step(self) -> None:
+        e = self.engine
+        top = max(max(im.rows) for im in self.active) + 1
+        size = next(s for s in self.sampler.sizes if s >= top)
+        filtered = any(im.ticket.filtered for im in self.active)
+        t0 = time.perf_counter()
+        self.steps.get((size, filtered), self.sampler)(size, filtered)
+        cols = self.engine.cols
+        T = self.engine.seq_len
+        for im in self.active:
+            im.pos += 1
+        rows_done = [im for im in self.active if im.pos % cols == 0 and im.ticket.on_row]
+        finished = [im for im in self.active if im.pos == T]
+        if rows_done or finished:
+            out = self.sampler.out
+            wanted = sorted({im.cond for im in rows_done + finished})
+            host = out[wanted].cpu().numpy() if out.device.type != "cpu" else out[wanted].numpy()
+            at = {r: host[i] for i, r in enumerate(wanted)}
+        dt = time.perf_counter() - t0
+        e._observe_step(size, dt, len(self.active))
+        if rows_done or finished:
+            e._deliver(self, [(im, at[im.cond]) for im in rows_done],
+                       [(im, at[im.cond]) for im in finished])
+        if finished:
+            done = set(map(id, finished))
+            self.active = [im for im in self.active if id(im) not in done]
+            self._release(finished)
+            if not self.active:
+                e.metrics.slots_active.labels(e.name).set(sum(len(x.active) for x in e.lanes))
+
+    def _release(self, images: list[_Image]) -> None:
+        rows = [r for im in images for r in im.rows]
+        self.sampler.release(rows)
+        self.free.extend(rows)
+        self.free.sort()
+
+    def drop_cancelled(self) -> None:
+        """Called under the engine lock: rows of cancelled tickets leave now."""
+        gone = [im for im in self.active if im.ticket.cancelled]
+        if gone:
+            ids = set(map(id, gone))
+            self.active = [im for im in self.active if id(im) not in ids]
+            self._release(gone)
+
+
+class GenerationEngine:
+    """Continuous batching for one transformer: lanes of slots over shared waiting images."""
+
+    def __init__(self, name: str, gpt: GPT, metrics: Metrics, *, slots: int, lanes: int,
+                 compile: bool, max_queue: int, timeout_s: float,
+                 compile_deadline: float = float("inf"),
+                 on_thread: Callable[[], None] | None = None) -> None:
+        cfg = gpt.config
+        self.name = name
+        self.metrics = metrics
+        self.cols = cfg.grid[1]
+        self.seq_len = cfg.seq_len
+        self.null_class = cfg.null_class
+        self.codebook_size = cfg.codebook_size
+        self.compile = compile
+        self.compile_deadline = compile_deadline  # time.monotonic(): later sizes stay eager
+        device = next(gpt.parameters()).device
+        self.compile_mode = "reduce-overhead" if device.type == "cuda" else None
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.on_thread = on_thread
+        rows = 2 * slots  # a guided image holds two rows
+        per_lane = max(2, -(-rows // lanes))
+        self.lanes = [Lane(self, i, SlotSampler(gpt, per_lane).eval()) for i in range(lanes)]
+        self._lock = threading.Condition()
+        self._waiting: deque[_Image] = deque()
+        self._waiting_images = 0
+        self._stopping = False
+        self._accepting = True
+        self._ready = 0
+        self._failed: BaseException | None = None
+        self._started: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- life cycle (event loop) -----------------------------------------------------------
+    async def start(self) -> None:
+        """Start the lanes; returns once every lane compiled and ran each size once."""
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.create_future()
+        for lane in self.lanes:
+            lane.thread.start()
+        await self._started
+
+    def drain(self) -> None:
+        self._accepting = False
+
+    async def close(self) -> None:
+        """Finish every admitted image, then stop the lanes."""
+        self._accepting = False
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        for lane in self.lanes:
+            await asyncio.to_thread(lane.thread.join)
+
+    def _lane_ready(self, lane: Lane) -> None:
+        with self._lock:
+            self._ready += 1
+            if self._ready == len(self.lanes):
+                self._loop.call_soon_threadsafe(_resolve, self._started, None)
+
+    def _lane_failed(self, lane: Lane, exc: BaseException) -> None:
+        log.error("generation lane %s/%d failed to start", self.name, lane.index, exc_info=exc)
+        self._loop.call_soon_threadsafe(_resolve, self._started, exc)
+
+    # ---- admission (event loop) ------------------------------------------------------------
+    def check_room(self, n: int) -> None:
+        if self._waiting_images and self._waiting_images + n > self.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ServiceError(503, "overloaded",
+                               f"the queue is full ({self._waiting_images} images waiting)",
+                               RETRY_AFTER)
+
+    def submit(self, n: int, image: Callable[[int], SamplingBatch], *, guided: bool,
+               filtered: bool, grid: tuple[int, int],
+               on_row: Callable[[int, int, np.ndarray], None] | None = None,
+               admitted: bool = False) -> Ticket:
+        """Queue one request of n images; `image(i)` builds image i's seeded row."""
+        if not (self._accepting or admitted) or self._stopping:
+            self.metrics.rejected.labels("draining").inc()
+            raise ServiceError(503, "draining", "the server is shutting down",
+                               RETRY_AFTER)
+        self.check_room(n)
+        loop = self._loop
+        ticket = Ticket(n, image, guided, filtered, grid, loop.create_future(), loop.time(),
+                        on_row)
+        with self._lock:
+            self._waiting.extend(_Image(ticket, i) for i in range(n))
+            self._waiting_images += n
+            self.metrics.queue_depth.labels("generate", self.name).set(self._waiting_images)
+            self._lock.notify_all()
+        loop.call_at(ticket.arrival + self.timeout_s, self._expire, ticket)
+        return ticket
+
+    def cancel(self, ticket: Ticket, reason: str, error: ServiceError) -> None:
+        """The ticket's images leave at the next step; its handler gets `error`."""
+        if ticket.future.done():
+            return
+        with self._lock:
+            ticket.cancelled = reason
+            before = len(self._waiting)
+            self._waiting = deque(im for im in self._waiting if im.ticket is not ticket)
+            self._waiting_images -= before - len(self._waiting)
+            self.metrics.queue_depth.labels("generate", self.name).set(self._waiting_images)
+        self.metrics.rejected.labels(reason).inc()
+        ticket.future.set_exception(error)
+
+    def _expire(self, ticket: Ticket) -> None:
+        if not ticket.future.done():
+            self.cancel(ticket, "deadline", ServiceError(
+                504, "deadline_exceeded",
+                f"the request did not finish within {self.timeout_s:g} s"))
+
+    # ---- on the lanes' threads -------------------------------------------------------------
+    def _take(self, lane: Lane) -> list[_Image] | None:
+        """Waiting images that fit in the lane's free rows (None: stop the lane)."""
+        with self._lock:
+            lane.drop_cancelled()
+            while not self._waiting and not lane.active:
+                if self._stopping:
+                    return None
+                self._lock.wait()
+                lane.drop_cancelled()
+            joined: list[_Image] = []
+            now = None
+            while self._waiting:
+                im = self._waiting[0]
+                guided = im.ticket.guided
+                if len(lane.free) < 1 + guided:
+                    break
+                self._waiting.popleft()
+                self._waiting_images -= 1
+                im.cond = lane.free.pop(0)
+                im.uncond = lane.free.pop(0) if guided else None
+                joined.append(im)
+                t = im.ticket
+                if t.started is None:
+                    now = now or self._loop.time()
+                    t.started = now
+                    self.metrics.queue_wait.labels("generate", self.name).observe(now - t.arrival)
+            if joined:
+                self.metrics.queue_depth.labels("generate", self.name).set(self._waiting_images)
+            return joined
+
+    def _observe_step(self, size: int, seconds: float, images: int) -> None:
+        m = self.metrics
+        m.step_duration.labels(self.name, str(size)).observe(seconds)
+        m.batch_size.labels("generate", self.name).observe(images)
+        m.slots_active.labels(self.name).set(sum(len(lane.active) for lane in self.lanes))
+
+    def _deliver(self, lane: Lane, rows: list[tuple[_Image, np.ndarray]],
+                 finished: list[tuple[_Image, np.ndarray]]) -> None:
+        """Copy picked codes into tickets (lane thread), then tell the event loop."""
+        events = []
+        for im, codes in rows:
+            r = im.pos // self.cols - 1
+            cells = codes[r * self.cols: (r + 1) * self.cols]
+            events.append((im.ticket, im.index, r, cells.copy()))
+        done = []
+        for im, codes in finished:
+            t = im.ticket
+            t.tokens[im.index] = codes
+            t.left -= 1
+            if t.left == 0:
+                done.append(t)
+        self._loop.call_soon_threadsafe(self._report, events, done)
+
+    def _report(self, events: list, done: list[Ticket]) -> None:
+        now = self._loop.time()
+        for ticket, image, row, cells in events:
+            if ticket.cancelled or ticket.future.done():
+                continue
+            if ticket.first_row is None:
+                ticket.first_row = now
+                self.metrics.time_to_first_row.labels(self.name).observe(now - ticket.arrival)
+            ticket.on_row(image, row, cells)
+        for ticket in done:
+            if not ticket.future.done():
+                ticket.future.set_result(ticket.tokens)
+
+
+def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+def lane_count(device: str, cpu_budget: int) -> int:
+    """One lane per core on CPU (each a one-thread sampler); one per GPU."""
+    return 1 if device.startswith("cuda") else max(1, cpu_budget)
+
