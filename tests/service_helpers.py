@@ -87,8 +87,13 @@ def tiny_models(*names: str) -> dict:
 
 
 def settings(**kw) -> Settings:
+    """Test settings; an unknown name fails here (Settings itself ignores extra names, so a
+    removed setting would otherwise be dropped silently)."""
+    unknown = set(kw) - set(Settings.model_fields)
+    assert not unknown, f"no such settings: {sorted(unknown)}"
     kw.setdefault("log_level", "warning")
     kw.setdefault("torch_threads", 1)  # the worker thread only; robust on a busy CPU
+    kw.setdefault("compile", False)  # the eager step starts in seconds; compile tests ask for it
     return Settings(**kw)
 
 
