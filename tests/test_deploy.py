@@ -615,3 +615,17 @@ def test_deployment_docs_show_the_adapter_rule_and_the_keda_overlay():
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
     helm = [b for b in blocks if isinstance(b, dict) and "custom" in b.get("rules", {})]
     assert helm and helm[0]["rules"]["custom"] == _adapter_rules()
+
+
+def test_k8s_taming_variables_are_server_settings():
+    from service.settings import Settings
+
+    prefix = Settings.model_config["env_prefix"]
+    docs = _k8s_docs()
+    for name in ("base/deployment.yaml", "gpu/deployment-gpu.yaml"):
+        (dep,) = docs[name]
+        for c in dep["spec"]["template"]["spec"]["containers"]:
+            for var in c["env"]:
+                if var["name"].startswith(prefix):
+                    field = var["name"][len(prefix):].lower()
+                    assert field in Settings.model_fields, f"{name}: {var['name']} is no server setting"
