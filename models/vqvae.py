@@ -271,14 +271,11 @@ class FrozenTokenizer:
     """`encode_pixels` and `decode_pixels` of a trained VQ-VAE as frozen TorchScript graphs,
     for serving.
 
-    An eager forward is some forty Python-level ops, and a worker thread takes the GIL back
-    after each one. Beside a busy event loop each take can wait out a whole switch interval:
-    on 2 cores an encode of 24 images fell from 1,650 to 96 images/s while another thread ran
-    Python. A frozen graph runs its ops in C++ (862 images/s under the same load, 1,374 with
-    a 0.2 ms switch interval), and with uint8 pixels in and out (the pixel conversions are
-    in the graph) a batch costs its thread one GIL take. Outputs are the eager ones bit for
-    bit, for any batch size and grid (the trace keeps shapes symbolic). `decode_pixels` does
-    not range-check ids: its caller validates them, as the server does.
+    An eager forward takes the GIL back after each of its Python-level ops, and beside a busy
+    event loop each take can wait out a switch interval; a frozen graph with uint8 pixels in
+    and out costs its thread one take per batch (BENCHMARKS.md, "The GIL convoy"). Outputs
+    are the eager ones bit for bit, for any batch size and grid (the trace keeps shapes
+    symbolic). `decode_pixels` does not range-check ids: its caller validates them.
     """
 
     def __init__(self, vq: VQVAE) -> None:

@@ -50,8 +50,8 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         """Stop listening first, then give connections accepted a moment ago the time to
         deliver their request (it gets its answer: 503, draining) before uvicorn closes every
-        connection without a request in progress. Closing at once reset about one in 1,600
-        such connections under load (bench/overload.py)."""
+        connection without a request in progress; closing at once reset some of them under
+        load (bench/overload.py)."""
         for server in self.servers:
             server.close()
         for sock in sockets or []:

@@ -1,6 +1,6 @@
 """The outermost ASGI layer: request id, body limit, request metrics and the JSON access log.
 
-Pure ASGI (no BaseHTTPMiddleware) so each request pays a few microseconds here. Handlers add
+Pure ASGI (no BaseHTTPMiddleware): each request pays little here. Handlers add
 `model`, `batch_size`, `queue_ms` and `compute_ms` to `scope["taming.log"]` for the log line.
 
 A body over the limit is answered 413 after the rest of it is read and dropped, up to
