@@ -1,4 +1,4 @@
-"""Prometheus metrics, with the stable names of DESIGN.md, in one registry per app.
+"""Prometheus metrics, with the stable names of docs/api.md, in one registry per app.
 
 A dedicated CollectorRegistry per app keeps tests that build many apps independent.
 Labels are bounded: endpoints are route templates, models are loaded names (or "").

@@ -1,4 +1,4 @@
-"""Request, response and error models: the HTTP contract of DESIGN.md, as shown in /docs.
+"""Request, response and error models: the HTTP contract of docs/api.md, as shown in /docs.
 
 Requests are strict: integers must be JSON integers (no 1.0, no "1", no true), numbers must
 be finite (no NaN or Infinity), and unknown fields are refused, each with a 422.
