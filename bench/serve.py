@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from models.checkpoint import load_bundle  # noqa: E402
 from models.images import to_uint8  # noqa: E402
-from models.sampling import SamplingBatch, make_batch, sample  # noqa: E402
+from models.sampling import SamplingBatch, make_batch  # noqa: E402
+from models.slots import sample  # noqa: E402
 from models.vqvae import FrozenTokenizer  # noqa: E402
 from service.png import png_bytes  # noqa: E402
 

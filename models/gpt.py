@@ -80,23 +80,6 @@ def window_mask(grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values, written in place at `input_pos` (fixed shapes)."""
-
-    def __init__(self, batch: int, n_head: int, seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        shape = (batch, n_head, seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        B = k.shape[0]
-        self.k[:B, :, input_pos] = k
-        self.v[:B, :, input_pos] = v
-        return self.k[:B], self.v[:B]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -104,21 +87,18 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
         B, L, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
         k = k.view(B, L, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, L, self.n_head, self.head_dim).transpose(1, 2)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, T, hd)
         if self.training:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
         else:
-            # plain math: for one query over a short cache it beats the fused CPU kernel.
-            # `mask` is additive here (0 or -inf): scale, scores and mask are one baddbmm.
+            # `mask` is additive here (0 or -inf): scale, scores and mask are one baddbmm,
+            # the arithmetic of the slot sampler's cached step (models.slots)
             T = k.shape[2]
             att = torch.baddbmm(mask, q.reshape(B * self.n_head, L, self.head_dim),
                                 k.reshape(B * self.n_head, T, self.head_dim).transpose(1, 2),
@@ -147,8 +127,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, input_pos):
-        x = x + self.drop(self.attn(self.ln1(x), mask, input_pos))
+    def forward(self, x, mask):
+        x = x + self.drop(self.attn(self.ln1(x), mask))
         return x + self.mlp(self.ln2(x))
 
 
@@ -156,7 +136,6 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.compiled_step = None  # set by models.sampling.compile_sampler
         rows, cols = cfg.grid
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.row_emb = nn.Embedding(rows, cfg.d_model)
@@ -186,39 +165,14 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def setup_caches(self, max_batch_size: int) -> None:
-        """Attach static KV caches (idempotent while big enough)."""
-        cfg = self.config
-        p = next(self.parameters())
-        for blk in self.blocks:
-            cache = blk.attn.kv_cache
-            if cache is not None and cache.k.shape[0] >= max_batch_size and cache.k.device == p.device:
-                continue
-            blk.attn.kv_cache = KVCache(max_batch_size, cfg.n_head, cfg.seq_len,
-                                        cfg.d_model // cfg.n_head, p.dtype, p.device)
-
-    def clear_caches(self) -> None:
-        for blk in self.blocks:
-            blk.attn.kv_cache = None
-
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None):
-        """idx (B, L) ids at positions input_pos (default 0..L-1) -> (logits (B, L, K), loss).
-
-        With caches set up and input_pos given, keys and values are written to the cache and
-        every query attends over the whole (masked) cache.
-        """
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, L) ids at positions 0..L-1 -> (logits (B, L, K), loss)."""
         B, L = idx.shape
-        cached = input_pos is not None and self.blocks[0].attn.kv_cache is not None
-        if input_pos is None:
-            input_pos = torch.arange(L, device=idx.device)
-        x = self.tok_emb(idx) + self.row_emb(self.pos_row[input_pos]) + self.col_emb(
-            self.pos_col[input_pos])
+        x = self.tok_emb(idx) + self.row_emb(self.pos_row[:L]) + self.col_emb(self.pos_col[:L])
         x = self.drop(x)
-        full = self.mask if self.training else self.mask_bias
-        mask = full[input_pos] if cached else full[input_pos][:, input_pos]
+        mask = (self.mask if self.training else self.mask_bias)[:L, :L]
         for blk in self.blocks:
-            x = blk(x, mask, input_pos if cached else None)
+            x = blk(x, mask)
         logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:

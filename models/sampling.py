@@ -1,4 +1,6 @@
-"""Batched sampling from the GPT: prefill, then one token per step over a static KV cache.
+"""Sampling from the GPT: per-request settings, the choice of a code, and the samplers
+(batched on the training grid through models.slots, sliding-window beyond it, and the
+reference every fast path must match).
 
 Randomness: every image carries its own row of uniforms (one per cell), drawn from its
 request's generator, and a token is chosen by inverse CDF over the filtered distribution.
@@ -97,7 +99,7 @@ def guide(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def filtering(top_k: torch.Tensor, top_p: torch.Tensor, codebook_size: int) -> bool:
-    """Whether any row uses top-k or top-p (`generate` asks once per batch, not per step)."""
+    """Whether any row uses top-k or top-p (a sampler asks once, not every step)."""
     return bool((top_k < codebook_size).any() or (top_p < 1).any())
 
 
@@ -130,93 +132,13 @@ def _inputs(batch: SamplingBatch, guided: bool, null_id: int) -> torch.Tensor:
     return torch.cat([batch.class_ids, torch.full_like(batch.class_ids, null_id)])
 
 
-def _pick(logits: torch.Tensor, u: torch.Tensor, forced: torch.Tensor, temperature: torch.Tensor,
-          top_k: torch.Tensor, top_p: torch.Tensor, cfg_scale: torch.Tensor, guided: bool,
-          filtered: bool | None) -> torch.Tensor:
+def _step_choice(logits: torch.Tensor, batch: SamplingBatch, t: int, guided: bool) -> torch.Tensor:
+    """Cell t of every image: guide, pick by its uniform, or keep its prefix."""
     if guided:
-        logits = guide(logits, cfg_scale)
-    picked = choose(logits, u, temperature, top_k, top_p, filtered)
+        logits = guide(logits, batch.cfg_scale)
+    picked = choose(logits, batch.uniforms[:, t], batch.temperature, batch.top_k, batch.top_p)
+    forced = batch.prefix[:, t]
     return torch.where(forced >= 0, forced, picked)
-
-
-def _step_choice(logits: torch.Tensor, batch: SamplingBatch, t: int, guided: bool,
-                 filtered: bool | None = None) -> torch.Tensor:
-    return _pick(logits, batch.uniforms[:, t], batch.prefix[:, t], batch.temperature,
-                 batch.top_k, batch.top_p, batch.cfg_scale, guided, filtered)
-
-
-@torch.no_grad()
-def prefill(model: GPT, first: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Run the class token and any shared prefix through the cache; logits of the last one."""
-    logits, _ = model(first, input_pos=input_pos)
-    return logits[:, -1]
-
-
-@torch.no_grad()
-def decode_one_token(model: GPT, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    logits, _ = model(token[:, None], input_pos=pos)
-    return logits[:, -1]
-
-
-def compile_sampler(model: GPT, mode: str | None = None, dynamic: bool | None = None) -> None:
-    """torch.compile the one-token step `generate` repeats (prefill stays eager).
-
-    The step's shapes are fixed by the static cache, so it compiles once per batch size
-    (`dynamic=True`: once for all sizes, a little slower). Needs a C++ compiler on CPU;
-    mode="reduce-overhead" adds CUDA graphs on GPU. The weights are frozen into the graph:
-    compile again after changing them. `generate` then picks the same tokens, up to float
-    rounding of the fused kernels.
-    """
-    options = {"freezing": True}  # weights become constants: prepacked matmuls on CPU
-    if mode == "reduce-overhead":
-        options["triton.cudagraphs"] = True
-    elif mode is not None:
-        raise ValueError(f"unsupported mode {mode!r}: None or 'reduce-overhead'")
-    model.compiled_step = torch.compile(decode_step, dynamic=dynamic, options=options)
-
-
-def decode_step(model: GPT, token: torch.Tensor, pos: torch.Tensor, u: torch.Tensor,
-                forced: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                top_p: torch.Tensor, cfg_scale: torch.Tensor, guided: bool,
-                filtered: bool) -> torch.Tensor:
-    """One step of `generate`: forward one token per row through the cache, then pick the
-    next code. One function, so torch.compile fuses the sampling arithmetic too. The step
-    index enters only through tensors (pos, u, forced): one graph serves every step."""
-    return _pick(decode_one_token(model, token, pos), u, forced, temperature, top_k, top_p,
-                 cfg_scale, guided, filtered)
-
-
-@torch.no_grad()
-def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
-    """Batched sampling on the training grid -> codes (B, T). Uses the static KV cache."""
-    cfg = model.config
-    T = cfg.seq_len
-    if batch.prefix.shape[1] != T:
-        raise ValueError(f"this sampler runs the training grid ({T} cells); use generate_sliding")
-    dev = next(model.parameters()).device
-    batch = batch.to(dev)
-    guided = bool((batch.cfg_scale != 1).any())
-    filtered = filtering(batch.top_k, batch.top_p, cfg.codebook_size)
-    B = len(batch)
-    rows = 2 * B if guided else B
-    model.setup_caches(rows)
-    out = torch.empty(B, T, dtype=torch.int64, device=dev)
-    # prefill: the class token plus the prefix cells every row shares
-    known = (batch.prefix >= 0).int().cumprod(1).sum(1)
-    m = int(known.min()) if T > 1 else 0
-    m = min(m, T - 1)
-    first = torch.cat([_inputs(batch, guided, cfg.null_class)[:, None],
-                       _dup(batch.prefix[:, :m], guided)], dim=1)
-    logits = prefill(model, first, torch.arange(m + 1, device=dev))
-    out[:, :m] = batch.prefix[:, :m]
-    out[:, m] = _step_choice(logits, batch, m, guided, filtered)
-    positions = torch.arange(T, device=dev)
-    step = model.compiled_step or decode_step
-    for t in range(m + 1, T):
-        out[:, t] = step(model, _dup(out[:, t - 1], guided), positions[t: t + 1],
-                         batch.uniforms[:, t], batch.prefix[:, t], batch.temperature,
-                         batch.top_k, batch.top_p, batch.cfg_scale, guided, filtered)
-    return out
 
 
 def _dup(x: torch.Tensor, guided: bool) -> torch.Tensor:
@@ -237,7 +159,6 @@ def generate_sliding(model: GPT, batch: SamplingBatch, grid: tuple[int, int]) ->
     dev = next(model.parameters()).device
     batch = batch.to(dev)
     guided = bool((batch.cfg_scale != 1).any())
-    model.clear_caches()
     canvas = torch.zeros(len(batch), H, W, dtype=torch.int64, device=dev)
     cls = _inputs(batch, guided, cfg.null_class)[:, None]
     for i in range(H):
@@ -257,7 +178,7 @@ def reference_generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
     of the whole prefix at every step, no cache."""
     cfg = model.config
     T = cfg.seq_len
-    model.clear_caches()
+    batch = batch.to(next(model.parameters()).device)
     out = torch.empty(len(batch), T, dtype=torch.int64)
     for b in range(len(batch)):
         row = batch.rows(b, b + 1)
@@ -269,14 +190,3 @@ def reference_generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
             out[b, t] = tok[0]
             seq = torch.cat([seq, _dup(tok[:, None], guided)], dim=1)
     return out
-
-
-def sample(model: GPT, batch: SamplingBatch, grid: tuple[int, int]) -> torch.Tensor:
-    """Codes (B, rows*cols) for `grid`: the cached sampler on the training grid, the
-    sliding-window one on larger grids."""
-    if batch.prefix.shape[1] != grid[0] * grid[1]:
-        raise ValueError(f"batch was made for {batch.prefix.shape[1]} cells, grid {list(grid)} has "
-                         f"{grid[0] * grid[1]}")
-    if tuple(grid) == tuple(model.config.grid):
-        return generate(model, batch)
-    return generate_sliding(model, batch, grid)

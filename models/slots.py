@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .gpt import GPT
-from .sampling import SamplingBatch, choose
+from .sampling import SamplingBatch, choose, filtering, generate_sliding
 
 STEP_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -166,3 +166,34 @@ def compiled_steps(sampler: SlotSampler, mode: str | None = None
     elif mode is not None:
         raise ValueError(f"unsupported mode {mode!r}: None or 'reduce-overhead'")
     return torch.compile(sampler.forward, dynamic=False, options=options)
+
+
+@torch.no_grad()
+def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
+    """Batched sampling on the training grid -> codes (B, T): every image enters a
+    `SlotSampler` at once and leaves after T steps (the server's engine, run to completion)."""
+    cfg = model.config
+    T = cfg.seq_len
+    if batch.prefix.shape[1] != T:
+        raise ValueError(f"this sampler runs the training grid ({T} cells); use generate_sliding")
+    B = len(batch)
+    guided = (batch.cfg_scale != 1).tolist()
+    sampler = SlotSampler(model, B + sum(guided))
+    uncond = iter(range(B, B + sum(guided)))
+    sampler.admit(list(range(B)), [next(uncond) if g else None for g in guided], batch,
+                  cfg.null_class)
+    filtered = filtering(batch.top_k, batch.top_p, cfg.codebook_size)
+    for _ in range(T):
+        sampler(sampler.capacity, filtered)
+    return sampler.out[:B].clone()
+
+
+def sample(model: GPT, batch: SamplingBatch, grid: tuple[int, int]) -> torch.Tensor:
+    """Codes (B, rows*cols) for `grid`: the cached sampler on the training grid, the
+    sliding-window one on larger grids."""
+    if batch.prefix.shape[1] != grid[0] * grid[1]:
+        raise ValueError(f"batch was made for {batch.prefix.shape[1]} cells, grid {list(grid)} has "
+                         f"{grid[0] * grid[1]}")
+    if tuple(grid) == tuple(model.config.grid):
+        return generate(model, batch)
+    return generate_sliding(model, batch, grid)

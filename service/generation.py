@@ -162,14 +162,14 @@ class Lane:
             done = set(map(id, finished))
             self.active = [im for im in self.active if id(im) not in done]
             self._release(finished)
-            if not self.active:
-                e.metrics.slots_active.labels(e.name).set(sum(len(x.active) for x in e.lanes))
 
     def _release(self, images: list[_Image]) -> None:
         rows = [r for im in images for r in im.rows]
         self.sampler.release(rows)
         self.free.extend(rows)
         self.free.sort()
+        e = self.engine
+        e.metrics.slots_active.labels(e.name).set(sum(len(lane.active) for lane in e.lanes))
 
     def drop_cancelled(self) -> None:
         """Called under the engine lock: rows of cancelled tickets leave now."""

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.sampling import SamplingBatch, make_batch, sample
+from models.sampling import SamplingBatch, make_batch
+from models.slots import sample
 
 from .registry import ModelEntry
 

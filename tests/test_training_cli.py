@@ -8,7 +8,8 @@ import sys
 import torch
 
 from models.checkpoint import load_bundle
-from models.sampling import make_batch, sample
+from models.sampling import make_batch
+from models.slots import sample
 
 TINY_VQ = ["--widths", "8,16,16", "--codebook-size", "16", "--code-dim", "4", "--batch-size", "64"]
 TINY_GPT = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--batch-size", "64"]

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from models.checkpoint import load_bundle, read_config, save_gpt, write_config
 from models.gpt import GPT, GPTConfig
 from models.images import tile, to_uint8
-from models.sampling import SamplingBatch, make_batch, sample
+from models.sampling import SamplingBatch, make_batch
+from models.slots import sample
 
 from .classifier import load_or_train_classifier
 from .common import (

@@ -1,0 +1,95 @@
+"""The slot sampler (continuous batching's step) against the reference sampler: images that
+join at random steps, in random rows, beside any other images, get the reference's tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_sampling import mixed_batch, tiny
+
+from models.sampling import SamplingBatch, make_batch, reference_generate
+from models.slots import SlotSampler, compiled_steps, padded_sizes
+
+
+def staggered(sampler: SlotSampler, batch: SamplingBatch, seed: int, step=None) -> torch.Tensor:
+    """Admit the images of `batch` a few at a time at random steps into random free rows,
+    step every occupied size, and collect each image's codes when it leaves."""
+    rng = random.Random(seed)
+    cfg = sampler.gpt.config
+    T = cfg.seq_len
+    step = step or sampler
+    free = list(range(sampler.capacity))
+    waiting = list(range(len(batch)))
+    active: dict[int, tuple[int, int, int | None]] = {}
+    out: dict[int, torch.Tensor] = {}
+    t = 0
+    while waiting or active:
+        for _ in range(rng.randint(0, 2)):
+            if not waiting:
+                break
+            row = batch.rows(waiting[0], waiting[0] + 1)
+            guided = bool(row.cfg_scale[0] != 1)
+            if len(free) < 1 + guided:
+                break
+            i = waiting.pop(0)
+            c = free.pop(rng.randrange(len(free)))
+            u = free.pop(rng.randrange(len(free))) if guided else None
+            sampler.admit([c], [u], row, cfg.null_class)
+            active[i] = (t, c, u)
+        if active:
+            top = max(r for _, c, u in active.values() for r in (c, u) if r is not None) + 1
+            size = next(s for s in sampler.sizes if s >= top)
+            step(size, True)
+        t += 1
+        for i, (start, c, u) in list(active.items()):
+            if t - start == T:
+                out[i] = sampler.out[c].clone()
+                rows = [c] if u is None else [c, u]
+                sampler.release(rows)
+                free += rows
+                del active[i]
+    return torch.stack([out[i] for i in range(len(batch))])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("window", [(1, 1), (2, 3), (3, 9)])
+def test_images_joining_at_any_step_get_the_reference_tokens(seed, window):
+    m = tiny(window)
+    batch = mixed_batch(m, seed, sizes=(3, 2, 3))
+    got = staggered(SlotSampler(m, 12), batch, seed)
+    assert torch.equal(got, reference_generate(m, batch))
+
+
+def test_unfiltered_step_skips_the_sort_and_picks_the_same_codes():
+    m = tiny()
+    g = torch.Generator().manual_seed(3)
+    batch = SamplingBatch.cat([make_batch(m.config, 2, m.config.grid, label=1, generator=g),
+                               make_batch(m.config, 2, m.config.grid, cfg_scale=2.0, generator=g)])
+    a, b = SlotSampler(m, 6), SlotSampler(m, 6)
+    for s in (a, b):
+        s.admit([0, 1, 2, 3], [None, None, 4, 5], batch, m.config.null_class)
+    for _ in range(m.config.seq_len):
+        a(6, True)
+        b(6, False)
+    assert torch.equal(a.out[:4], b.out[:4])
+    assert torch.equal(a.out[:4], reference_generate(m, batch))
+
+
+def test_padded_sizes():
+    assert padded_sizes(128) == (8, 16, 32, 64, 128)
+    assert padded_sizes(100) == (8, 16, 32, 64, 100)
+    assert padded_sizes(2) == (2,)
+
+
+@pytest.mark.slow
+def test_compiled_step_picks_the_eager_steps_tokens():
+    """torch.compile (inductor, C++ on CPU) of the step, at two padded sizes, filtered and
+    not: the same codes as the reference for images that join at random steps."""
+    m = tiny()
+    batch = mixed_batch(m, 5, sizes=(3, 2, 3))
+    sampler = SlotSampler(m, 16).eval()
+    with torch.inference_mode():
+        got = staggered(sampler, batch, 5, compiled_steps(sampler))
+    assert torch.equal(got, reference_generate(m, batch))
