@@ -96,14 +96,18 @@ class TamingClient(_Base):
                cfg_scale: float | None = None, grid: Sequence[int] | None = None,
                prefix: Any = None) -> Iterator[RowEvent | Generation]:
         """Like generate(), as it happens: a RowEvent each time a token row of an image is
-        complete, then the Generation. A server that does not stream gives the Generation
-        alone."""
+        complete, then the Generation. Where the server does not stream a request (or at
+        all), the Generation comes alone."""
         body = p.generate_body(model, n, label, seed, temperature, top_k, top_p, cfg_scale,
                                grid, prefix)
         r = self._send("POST", "/generate", stream=True, json=body,
-                       headers={"Accept": p.EVENT_STREAM})
+                       headers={"Accept": p.STREAM_ACCEPT})
         try:
-            if not p.is_event_stream(r):
+            if p.media_type(r) == p.JSON:  # a request the server does not stream
+                r.read()
+                yield Generation.from_json(r.json())
+                return
+            if p.media_type(r) != p.EVENT_STREAM:  # a server that streams nothing
                 r.close()
                 yield self.generate(model, n, label, seed, temperature, top_k, top_p,
                                     cfg_scale, grid, prefix)
@@ -200,9 +204,13 @@ class AsyncTamingClient(_Base):
         body = p.generate_body(model, n, label, seed, temperature, top_k, top_p, cfg_scale,
                                grid, prefix)
         r = await self._send("POST", "/generate", stream=True, json=body,
-                             headers={"Accept": p.EVENT_STREAM})
+                             headers={"Accept": p.STREAM_ACCEPT})
         try:
-            if not p.is_event_stream(r):
+            if p.media_type(r) == p.JSON:
+                await r.aread()
+                yield Generation.from_json(r.json())
+                return
+            if p.media_type(r) != p.EVENT_STREAM:
                 await r.aclose()
                 yield await self.generate(model, n, label, seed, temperature, top_k, top_p,
                                           cfg_scale, grid, prefix)

@@ -23,6 +23,8 @@ from .types import Generation, RowEvent, TamingError
 
 JSON = "application/json"
 EVENT_STREAM = "text/event-stream"
+# a stream where the server can stream the request, else its JSON answer in the same request
+STREAM_ACCEPT = f"{EVENT_STREAM}, {JSON};q=0.9"
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -201,8 +203,8 @@ def stream_item(event: str, data: str) -> RowEvent | Generation | None:
     return None
 
 
-def is_event_stream(response: httpx.Response) -> bool:
-    return response.headers.get("content-type", "").split(";")[0].strip() == EVENT_STREAM
+def media_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def ended_early() -> TamingError:

@@ -87,7 +87,7 @@ async function api(path, { method = "GET", body, accept = "application/json" } =
   }
 }
 
-const isEventStream = (r) => (r.headers.get("Content-Type") || "").startsWith("text/event-stream");
+const mediaType = (r) => (r.headers.get("Content-Type") || "").split(";")[0].trim().toLowerCase();
 
 // Server-Sent Events from a fetch body (EventSource cannot POST): calls onEvent(type, data).
 async function readEvents(response, onEvent) {
@@ -273,8 +273,10 @@ async function sample(body) {
   status("Sampling\u2026");
   setMap({ model: body.model, rows, cols, ids: [] });
   let answer = null;
-  const r = await api("/generate", { method: "POST", body, accept: "text/event-stream" });
-  if (isEventStream(r)) {
+  // the stream where the server streams this request, else its JSON answer
+  const r = await api("/generate", {
+    method: "POST", body, accept: "text/event-stream, application/json;q=0.9" });
+  if (mediaType(r) === "text/event-stream") {
     await readEvents(r, (type, data) => {
       if (type === "row") {
         const ev = JSON.parse(data);
@@ -291,8 +293,9 @@ async function sample(body) {
       }
     });
     if (!answer) throw new Error("the stream ended before the answer was complete");
-  } else {
-    // a server that does not stream answered otherwise: ask for the JSON answer
+  } else if (mediaType(r) === "application/json") {
+    answer = await r.json();
+  } else {  // a server that streams nothing answered a PNG: ask for the JSON answer
     if (r.body) await r.body.cancel();
     answer = await (await api("/generate", { method: "POST", body })).json();
   }

@@ -1,0 +1,271 @@
+"""The playground at / in a real headless Chromium (Debian's `chromium`, driven by Playwright):
+what the page shows is what the API answers, pixel for pixel; the page calls no other host and
+logs no errors; a screenshot is kept in build/test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from service_helpers import ROOT, live_server, serving_models, settings, tiny_models
+
+from service.app import create_app
+
+pytestmark = pytest.mark.slow
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium")
+if CHROMIUM is None:
+    pytest.skip("no chromium on PATH (apt-get install chromium; `make test` does)",
+                allow_module_level=True)
+
+ARTEFACTS = ROOT / "build" / "test-artifacts"
+TIMEOUT_MS = 60_000
+# Chromium reports every 4xx/5xx answer to fetch() on the console; pages that expect one
+# (the error tests) allow exactly these lines.
+HTTP_ERROR_LINE = "Failed to load resource: the server responded with a status of"
+
+
+@pytest.fixture(scope="module")
+def server():
+    app = create_app(settings(**serving_models()))
+    with live_server(app) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+class Watched:
+    """A page with everything it logs and every request it makes recorded."""
+
+    def __init__(self, browser, base: str) -> None:
+        self.base = base
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.page.set_default_timeout(TIMEOUT_MS)
+        self.console: list[str] = []
+        self.requests: list = []
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}")
+                     if m.type in ("error", "warning") else None)
+        self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        self.page.on("request", lambda r: self.requests.append(r))
+
+    def open(self) -> Watched:
+        self.page.goto(self.base + "/")
+        self.page.wait_for_selector("#model option", state="attached")
+        return self
+
+    def foreign_requests(self) -> list[str]:
+        host = urlsplit(self.base).netloc
+        return [r.url for r in self.requests
+                if urlsplit(r.url).scheme != "data" and urlsplit(r.url).netloc != host]
+
+    def posts(self, path: str) -> list:
+        return [r for r in self.requests if r.method == "POST" and urlsplit(r.url).path == path]
+
+    def generate(self) -> None:
+        self.page.click("#generate")
+        self.page.wait_for_selector("#result[data-state=done]", state="attached")
+
+    def pixels(self, selector: str) -> np.ndarray:
+        """The pixels the browser decoded for an <img>, at its natural size (RGBA)."""
+        data, w, h = self.page.eval_on_selector(selector, """img => {
+            const c = document.createElement('canvas');
+            c.width = img.naturalWidth; c.height = img.naturalHeight;
+            const g = c.getContext('2d');
+            g.drawImage(img, 0, 0);
+            return [Array.from(g.getImageData(0, 0, c.width, c.height).data), c.width, c.height];
+        }""")
+        return np.asarray(data, dtype=np.uint8).reshape(h, w, 4)
+
+    def token_ids(self) -> list[int]:
+        return [int(x) for x in self.page.eval_on_selector_all(
+            "#tokens .cell", "cells => cells.map(c => c.dataset.id)")]
+
+    def close(self) -> None:
+        self.page.close()
+
+
+@pytest.fixture
+def watched(browser, server):
+    w = Watched(browser, server)
+    yield w
+    w.close()
+
+
+def rgba(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))
+
+
+def api_generate(base: str, body: dict) -> dict:
+    r = httpx.post(f"{base}/generate", json=body, headers={"Accept": "application/json"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def draw_stroke(page, points: list[tuple[float, float]]) -> None:
+    """A mouse stroke through points given as fractions of the canvas."""
+    box = page.locator("#draw").bounding_box()
+    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*xy[0])
+    page.mouse.down()
+    for x, y in xy[1:]:
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
+@pytest.mark.parametrize("model,label,seed,grid", [
+    ("mnist", 7, 1, None), ("fashion-mnist", 7, 3, None), ("mnist", 4, 2, [7, 10])])
+def test_generate_shows_what_the_api_answers_pixel_for_pixel(watched, server, model, label,
+                                                            seed, grid):
+    page = watched.open().page
+    page.select_option("#model", model)
+    page.select_option("#label", str(label))
+    page.fill("#seed", str(seed))
+    if grid:
+        page.fill("#grid-cols", str(grid[1]))
+    watched.generate()
+    # the untouched form asks for what a bare API call with model, class and seed gets
+    request = {"model": model, "label": label, "seed": seed}
+    if grid:
+        request["grid"] = grid
+    answer = api_generate(server, request)
+    image = answer["images"][0]
+    assert np.array_equal(watched.pixels("#result"), rgba(base64.b64decode(image["png"])))
+    assert watched.token_ids() == [t for row in image["tokens"] for t in row]
+    assert page.get_attribute("#result", "data-seed") == str(seed)
+    assert [r.post_data_json for r in watched.posts("/generate")] == [request]
+    assert watched.console == []
+    assert watched.foreign_requests() == []
+
+
+def test_draw_encode_decode_and_screenshot(watched, server):
+    page = watched.open().page
+    page.select_option("#label", "3")
+    page.fill("#seed", "5")
+    watched.generate()
+    draw_stroke(page, [(0.35, 0.2), (0.65, 0.25), (0.5, 0.5), (0.65, 0.75), (0.35, 0.8)])
+    page.click("#encode")
+    page.wait_for_selector("#reconstruction[data-state=done]", state="attached")
+    ids = watched.token_ids()
+    assert len(ids) == 49
+
+    # the canvas as the page sent it: the API gives the grid the page shows
+    canvas_png = base64.b64decode(page.eval_on_selector(
+        "#draw", "c => c.toDataURL('image/png')").split(",", 1)[1])
+    drawn = np.asarray(Image.open(io.BytesIO(canvas_png)).convert("L"))
+    assert drawn.max() == 255 and (drawn == 255).mean() > 0.02  # a stroke is there
+    r = httpx.post(f"{server}/encode", params={"model": "mnist"},
+                   files={"files": ("d.png", canvas_png, "image/png")}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [t for row in r.json()["tokens"][0] for t in row] == ids
+
+    # the reconstruction is the API's decoding of those tokens
+    grid = np.asarray(ids).reshape(7, 7).tolist()
+    r = httpx.post(f"{server}/decode", json={"model": "mnist", "tokens": grid},
+                   headers={"Accept": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+    expected = rgba(base64.b64decode(r.json()["images"][0]["png"]))
+    assert np.array_equal(watched.pixels("#reconstruction"), expected)
+    shown = page.locator("#reconstruction").bounding_box()
+    assert shown["width"] > 100 and shown["height"] > 100  # shown large, beside the input
+
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTEFACTS / "playground.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert Image.open(shot).size[0] >= 1000
+    assert watched.console == []
+    assert watched.foreign_requests() == []
+
+
+def test_keep_a_prefix_and_resample_the_rest(watched, server):
+    page = watched.open().page
+    page.select_option("#label", "2")
+    page.fill("#seed", "11")
+    watched.generate()
+    before = watched.token_ids()
+    page.click("#tokens .cell[data-index='9']")  # keep row 0 and 3 cells of row 1
+    assert page.locator("#tokens .cell.kept").count() == 10
+    page.click("#resample")
+    page.wait_for_selector("#result[data-state=done]", state="attached")
+    sent = watched.posts("/generate")[-1].post_data_json
+    assert sent["prefix"] == [before[:7], before[7:10]]
+    assert sent["seed"] != 11 and sent["label"] == 2
+    after = watched.token_ids()
+    assert after[:10] == before[:10]
+    # the image is the API's answer to the request the page sent
+    answer = api_generate(server, sent)
+    assert np.array_equal(watched.pixels("#result"),
+                          rgba(base64.b64decode(answer["images"][0]["png"])))
+    assert [t for row in answer["images"][0]["tokens"] for t in row] == after
+    assert watched.console == []
+
+
+def test_errors_are_shown_in_the_page(watched):
+    page = watched.open().page
+    page.fill("#top-p", "5")
+    page.click("#generate")
+    page.wait_for_selector("#result[data-state=error]", state="attached")
+    error = page.locator("#error")
+    assert error.is_visible()
+    assert "top_p" in error.inner_text() and "422" in error.inner_text()
+    assert all(HTTP_ERROR_LINE in line for line in watched.console), watched.console
+    # the next good request clears it
+    page.click("#defaults")
+    watched.generate()
+    assert not error.is_visible()
+
+
+def test_streaming_grows_the_image_row_by_row(watched):
+    page = watched.open().page
+    page.select_option("#label", "8")
+    page.fill("#seed", "4")
+    page.evaluate("""() => {
+        window.shown = [];
+        const img = document.querySelector('#result');
+        new MutationObserver(() => window.shown.push(img.src))
+            .observe(img, {attributes: true, attributeFilter: ['src']});
+    }""")
+    watched.generate()
+    shown = page.evaluate("window.shown")
+    # one preview per token row, then the final image
+    assert len(set(shown)) >= 7, len(shown)
+    assert watched.posts("/generate")[-1].headers["accept"].startswith("text/event-stream")
+    assert len(watched.posts("/generate")) == 1  # the stream answered; no second request
+    assert watched.console == []
+
+
+def test_a_server_with_keys_asks_for_one(browser):
+    app = create_app(settings(**tiny_models("mnist"), api_keys=["playground-key"]))
+    with live_server(app) as base:
+        w = Watched(browser, base)
+        try:
+            page = w.page
+            page.goto(base + "/")
+            page.wait_for_selector("#error:not([hidden])")
+            assert "API key" in page.inner_text("#error")
+            page.fill("#api-key", "playground-key")
+            page.press("#api-key", "Enter")
+            page.wait_for_selector("#model option", state="attached")
+            assert page.locator("#error").is_hidden()
+            page.fill("#seed", "2")
+            w.generate()
+            assert all(r.headers.get("authorization") == "Bearer playground-key"
+                       for r in w.posts("/generate"))
+            assert all(HTTP_ERROR_LINE in line for line in w.console), w.console
+            assert w.foreign_requests() == []
+        finally:
+            w.close()
