@@ -42,9 +42,13 @@ data/mnist_5k.csv.gz: | $(VENV)/.installed
 /usr/bin/prometheus:
 	$(SUDO) apt-get install -y -q prometheus >/dev/null || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q prometheus >/dev/null)
 
+# A real browser for the playground tests (Playwright drives Debian's chromium).
+/usr/bin/chromium:
+	$(SUDO) apt-get install -y -q chromium >/dev/null || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null)
+
 data: data/mnist_5k.csv.gz /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-test: install data /usr/bin/prometheus
+test: install data /usr/bin/prometheus /usr/bin/chromium
 	$(PY) -m ruff check models training service tests bench
 	$(PY) -m pytest -q
 
