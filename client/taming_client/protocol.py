@@ -139,8 +139,8 @@ def unreachable(url: httpx.URL | str, exc: Exception) -> TamingError:
 
 @dataclass
 class RetryBudget:
-    """A 503 is retried after its Retry-After (1 s when absent) while the total time since
-    the first attempt, the wait included, stays within `seconds`."""
+    """A 503 is retried after its Retry-After (1 s when absent, at least 0.1 s) while the
+    total time since the first attempt, the wait included, stays within `seconds`."""
 
     seconds: float
     started: float = 0.0
@@ -153,7 +153,7 @@ class RetryBudget:
         if response.status_code != 503:
             return None
         wait = retry_after(response)
-        wait = 1.0 if wait is None else wait
+        wait = 1.0 if wait is None else max(0.1, wait)  # "0" must not become a busy loop
         if time.monotonic() - self.started + wait > self.seconds:
             return None
         return wait
