@@ -191,6 +191,31 @@ def test_draw_encode_decode_and_screenshot(watched, server):
     assert watched.foreign_requests() == []
 
 
+def test_an_image_file_is_encoded_and_decoded(watched, server, tmp_path):
+    png = httpx.post(f"{server}/generate", json={"model": "mnist", "label": 6, "seed": 2},
+                     timeout=60).content
+    (tmp_path / "six.png").write_bytes(png)
+    page = watched.open().page
+    page.set_input_files("#file", str(tmp_path / "six.png"))
+    page.wait_for_selector("#reconstruction[data-state=done]", state="attached")
+    # the file is drawn on the canvas, scaled up 10x with its pixels kept sharp
+    canvas_png = base64.b64decode(page.eval_on_selector(
+        "#draw", "c => c.toDataURL('image/png')").split(",", 1)[1])
+    canvas = np.asarray(Image.open(io.BytesIO(canvas_png)).convert("L"))
+    assert np.array_equal(canvas[5::10, 5::10], np.asarray(Image.open(io.BytesIO(png))))
+    # and what the page shows is the API's answer for what it sent
+    r = httpx.post(f"{server}/encode", files={"files": ("c.png", canvas_png, "image/png")},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    grid = r.json()["tokens"][0]
+    assert watched.token_ids() == [t for row in grid for t in row]
+    r = httpx.post(f"{server}/decode", json={"tokens": grid},
+                   headers={"Accept": "application/json"}, timeout=60)
+    expected = rgba(base64.b64decode(r.json()["images"][0]["png"]))
+    assert np.array_equal(watched.pixels("#reconstruction"), expected)
+    assert watched.console == []
+
+
 def test_keep_a_prefix_and_resample_the_rest(watched, server):
     page = watched.open().page
     page.select_option("#label", "2")

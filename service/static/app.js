@@ -442,7 +442,9 @@ async function drawFile(file) {
   const w = bitmap.width * scale;
   const h = bitmap.height * scale;
   clearCanvas();
+  ctx.imageSmoothingEnabled = scale < 1;  // a small digit scaled up keeps its pixels sharp
   ctx.drawImage(bitmap, (W - w) / 2, (H - h) / 2, w, h);
+  ctx.imageSmoothingEnabled = true;
   bitmap.close();
 }
 
