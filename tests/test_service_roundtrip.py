@@ -29,6 +29,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * math.log10(1.0 / mse)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 def test_encode_decode_round_trip_reaches_the_card_psnr(name):
     folder = REAL / name
