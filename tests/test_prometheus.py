@@ -30,10 +30,10 @@ PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 READY_TIMEOUT_S = 45.0
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("prometheus") is None,
     reason="prometheus missing: apt-get install prometheus (make test installs it)",
-)
+)]
 
 
 def _free_port() -> int:
@@ -95,7 +95,8 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prom")
     api_port, prom_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAMING_")}
-    env.update(HOST="127.0.0.1", PORT=str(api_port), TAMING_DEVICE="cpu")
+    # the eager generation step: compiling it would only lengthen the start
+    env.update(HOST="127.0.0.1", PORT=str(api_port), TAMING_DEVICE="cpu", TAMING_COMPILE="false")
     config = tmp / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(api_port)))
     api_log, prom_log = tmp / "api.log", tmp / "prometheus.log"
