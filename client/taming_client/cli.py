@@ -202,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with TamingClient(args.url, api_key=args.api_key, timeout=args.timeout) as client:
             COMMANDS[args.command](client, args)
+    except BrokenPipeError:  # `taming models | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except TamingError as e:
         where = f"HTTP {e.status}, " if e.status else ""
         print(f"taming: error: {e.message} ({where}{e.code})", file=sys.stderr)
