@@ -165,7 +165,6 @@ function applyModel() {
   applyDefaults();
   el.generate.disabled = !m.can_generate;
   el.generate.title = m.can_generate ? "" : "This model has no transformer: it only encodes and decodes";
-  el.draw.dataset.channels = m.channels;
   setMap(null);
 }
 
