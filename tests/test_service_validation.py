@@ -95,7 +95,11 @@ def test_unknown_route_and_wrong_method(client):
 def test_body_over_the_limit_is_413(client):
     big = {"prefix": [1] * 40000}
     assert_error(client.post("/generate", json=big), 413, "payload_too_large")
+    assert client.get("/readyz").status_code == 200
 
+
+@pytest.mark.slow  # under the test client, dropping the rest of the body waits out LINGER_S
+def test_streamed_body_over_the_limit_is_413(client):
     def chunks():  # no Content-Length: the streamed size decides
         for _ in range(100):
             yield b" " * 1024
