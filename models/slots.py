@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 
 from .gpt import GPT
-from .sampling import SamplingBatch, choose, filtering, generate_sliding
+from .sampling import FREE, SamplingBatch, choose, filtering, generate_sliding
 
 STEP_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -34,39 +34,57 @@ def padded_sizes(capacity: int) -> tuple[int, ...]:
     return (*sizes, capacity)
 
 
-class SlotSampler(nn.Module):
-    """Per-row sampling state and KV cache for `capacity` rows of one GPT (weights shared)."""
+class SlotState(NamedTuple):
+    """Every row's state, in tensors the step updates in place (fixed addresses: a CUDA graph
+    replays over them)."""
+
+    cache_k: tuple[torch.Tensor, ...]  # per layer (rows, heads, T, head_dim)
+    cache_v: tuple[torch.Tensor, ...]
+    row_ids: torch.Tensor  # arange(rows)
+    pos: torch.Tensor  # the cell each row picks next; its input sits at the same position
+    token: torch.Tensor  # each row's next input id
+    partner: torch.Tensor  # the unconditional row a conditional row is guided by
+    owner: torch.Tensor  # the conditional row whose pick a row takes as its next input
+    uniforms: torch.Tensor  # (rows, T)
+    prefix: torch.Tensor  # (rows, T) code or FREE
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    cfg_scale: torch.Tensor
+    out: torch.Tensor  # (rows, T) picked codes
+
+
+class SlotSampler:
+    """Sampling state and KV cache for `capacity` rows of one GPT; samplers of one GPT share
+    its weights and, compiled, its graphs."""
 
     def __init__(self, gpt: GPT, capacity: int) -> None:
-        super().__init__()
         cfg = gpt.config
         p = next(gpt.parameters())
         dev, T, K = p.device, cfg.seq_len, cfg.codebook_size
         self.gpt = gpt
         self.capacity = capacity
         self.sizes = padded_sizes(capacity)
-        hd = cfg.d_model // cfg.n_head
-        cache = (capacity, cfg.n_head, T, hd)
-
-        def buf(name: str, value: torch.Tensor) -> None:
-            self.register_buffer(name, value, persistent=False)
-
-        for i in range(cfg.n_layer):  # one buffer per layer: written in place, never copied
-            buf(f"cache_k{i}", torch.zeros(cache, dtype=p.dtype, device=dev))
-            buf(f"cache_v{i}", torch.zeros(cache, dtype=p.dtype, device=dev))
+        cache = (capacity, cfg.n_head, T, cfg.d_model // cfg.n_head)
         rows = torch.arange(capacity, device=dev)
-        buf("row_ids", rows)
-        buf("pos", torch.zeros(capacity, dtype=torch.int64, device=dev))
-        buf("token", torch.full((capacity,), cfg.null_class, dtype=torch.int64, device=dev))
-        buf("partner", rows.clone())  # the unconditional row a conditional row is guided by
-        buf("owner", rows.clone())  # the conditional row whose pick a row takes as its next input
-        buf("uniforms", torch.zeros(capacity, T, device=dev))
-        buf("prefix", torch.full((capacity, T), -1, dtype=torch.int64, device=dev))
-        buf("temperature", torch.ones(capacity, device=dev))
-        buf("top_k", torch.full((capacity,), K, dtype=torch.int64, device=dev))
-        buf("top_p", torch.ones(capacity, device=dev))
-        buf("cfg_scale", torch.ones(capacity, device=dev))
-        buf("out", torch.zeros(capacity, T, dtype=torch.int64, device=dev))  # picked codes
+
+        def full(value, shape=(capacity,), dtype=torch.int64) -> torch.Tensor:
+            return torch.full(shape, value, dtype=dtype, device=dev)
+
+        self.state = SlotState(
+            cache_k=tuple(torch.zeros(cache, dtype=p.dtype, device=dev)
+                          for _ in range(cfg.n_layer)),
+            cache_v=tuple(torch.zeros(cache, dtype=p.dtype, device=dev)
+                          for _ in range(cfg.n_layer)),
+            row_ids=rows, pos=full(0), token=full(cfg.null_class), partner=rows.clone(),
+            owner=rows.clone(), uniforms=full(0.0, (capacity, T), torch.float32),
+            prefix=full(FREE, (capacity, T)), temperature=full(1.0, dtype=torch.float32),
+            top_k=full(K), top_p=full(1.0, dtype=torch.float32),
+            cfg_scale=full(1.0, dtype=torch.float32), out=full(0, (capacity, T)))
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.state.out
 
     # ---- admission (between steps) ---------------------------------------------------------
     @torch.no_grad()
@@ -74,70 +92,75 @@ class SlotSampler(nn.Module):
               null_class: int) -> None:
         """Place image i of `batch` in row cond_rows[i], guided by uncond_rows[i] (None:
         unguided, one row). Both start at position 0 with their class token."""
-        dev = self.pos.device
+        st = self.state
+        dev = st.pos.device
         cond = torch.tensor(cond_rows, dtype=torch.int64, device=dev)
         b = batch.to(dev)
         for name in ("uniforms", "prefix", "temperature", "top_k", "top_p", "cfg_scale"):
-            getattr(self, name)[cond] = getattr(b, name)
-        self.token[cond] = b.class_ids
-        self.pos[cond] = 0
-        self.partner[cond] = cond
-        self.owner[cond] = cond
+            getattr(st, name)[cond] = getattr(b, name)
+        st.token[cond] = b.class_ids
+        st.pos[cond] = 0
+        st.partner[cond] = cond
+        st.owner[cond] = cond
         pairs = [(c, u) for c, u in zip(cond_rows, uncond_rows, strict=True) if u is not None]
         if pairs:
             c = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=dev)
             u = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=dev)
-            self.partner[c] = u
-            self.partner[u] = u
-            self.owner[u] = c
-            self.token[u] = null_class
-            self.pos[u] = 0
+            st.partner[c] = u
+            st.partner[u] = u
+            st.owner[u] = c
+            st.token[u] = null_class
+            st.pos[u] = 0
 
     @torch.no_grad()
     def release(self, rows: list[int]) -> None:
         """Park rows: they keep stepping (padding) on their own, guided by nobody."""
-        r = torch.tensor(rows, dtype=torch.int64, device=self.pos.device)
-        self.partner[r] = r
-        self.owner[r] = r
-        self.pos[r] = 0
+        st = self.state
+        r = torch.tensor(rows, dtype=torch.int64, device=st.pos.device)
+        st.partner[r] = r
+        st.owner[r] = r
+        st.pos[r] = 0
 
-    # ---- one step --------------------------------------------------------------------------
-    def forward(self, size: int, filtered: bool = True) -> None:
-        """Advance rows [0, size) by one token: forward, guide, pick, record, move on.
-        `filtered`: some row uses top-k or top-p (without, the sort is skipped)."""
-        gpt, cfg = self.gpt, self.gpt.config
-        T = cfg.seq_len
-        rows, pos = self.row_ids[:size], self.pos[:size]
-        x = gpt.tok_emb(self.token[:size]) + gpt.row_emb(gpt.pos_row[pos]) + gpt.col_emb(
-            gpt.pos_col[pos])
-        mask = gpt.mask_bias[pos]  # (size, T): each row's own window over its own cache
-        n_head = cfg.n_head
-        hd = cfg.d_model // n_head
-        for i, blk in enumerate(gpt.blocks):
-            x = x + _cached_attention(blk, blk.ln1(x), getattr(self, f"cache_k{i}"),
-                                      getattr(self, f"cache_v{i}"), rows,
-                                      pos, mask, n_head, hd)
-            x = x + blk.mlp(blk.ln2(x))
-        logits = gpt.head(gpt.ln_f(x))
-        # guidance within the batch of rows: partner == self (or scale 1) leaves a row as is
-        uncond = logits[self.partner[:size]]
-        scale = self.cfg_scale[:size, None]
-        guided = torch.where(scale == 1, logits, uncond + scale * (logits - uncond))
-        u = self.uniforms[:size].gather(1, pos[:, None])[:, 0]
-        forced = self.prefix[:size].gather(1, pos[:, None])[:, 0]
-        picked = choose(guided, u, self.temperature[:size], self.top_k[:size], self.top_p[:size],
-                        filtered=filtered)
-        picked = torch.where(forced >= 0, forced, picked)
-        self.out[:size].scatter_(1, pos[:, None], picked[:, None])
-        self.token[:size] = picked[self.owner[:size]]
-        self.pos[:size] = (pos + 1).clamp(max=T - 1)
+    @torch.no_grad()
+    def __call__(self, size: int, filtered: bool = True) -> None:
+        """One eager step of rows [0, size)."""
+        step(self.gpt, self.state, size, filtered)
+
+
+def step(gpt: GPT, st: SlotState, size: int, filtered: bool = True) -> None:
+    """Advance rows [0, size) by one token: forward, guide, pick, record, move on.
+    `filtered`: some row may use top-k or top-p (without, the sort is skipped)."""
+    cfg = gpt.config
+    T = cfg.seq_len
+    rows, pos = st.row_ids[:size], st.pos[:size]
+    x = gpt.tok_emb(st.token[:size]) + gpt.row_emb(gpt.pos_row[pos]) + gpt.col_emb(
+        gpt.pos_col[pos])
+    mask = gpt.mask_bias[pos]  # (size, T): each row's own window over its own cache
+    n_head = cfg.n_head
+    hd = cfg.d_model // n_head
+    for blk, cache_k, cache_v in zip(gpt.blocks, st.cache_k, st.cache_v, strict=True):
+        x = x + _cached_attention(blk, blk.ln1(x), cache_k, cache_v, rows, pos, mask, n_head, hd)
+        x = x + blk.mlp(blk.ln2(x))
+    logits = gpt.head(gpt.ln_f(x))
+    # guidance within the batch of rows: partner == self (or scale 1) leaves a row as is
+    uncond = logits[st.partner[:size]]
+    scale = st.cfg_scale[:size, None]
+    guided = torch.where(scale == 1, logits, uncond + scale * (logits - uncond))
+    u = st.uniforms[:size].gather(1, pos[:, None])[:, 0]
+    forced = st.prefix[:size].gather(1, pos[:, None])[:, 0]
+    picked = choose(guided, u, st.temperature[:size], st.top_k[:size], st.top_p[:size],
+                    filtered=filtered)
+    picked = torch.where(forced >= 0, forced, picked)
+    st.out[:size].scatter_(1, pos[:, None], picked[:, None])
+    st.token[:size] = picked[st.owner[:size]]
+    st.pos[:size] = (pos + 1).clamp(max=T - 1)
 
 
 def _cached_attention(blk, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                       rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, n_head: int,
                       hd: int) -> torch.Tensor:
-    """One query per row at its own position: write its key and value, attend over its cache.
-    Same arithmetic as the cached path of `CausalSelfAttention` (one additive baddbmm)."""
+    """One query per row at its own position: write its key and value, attend over its cache
+    (the arithmetic of the GPT's own attention: one additive baddbmm)."""
     B, C = x.shape
     q, k, v = blk.attn.qkv(x).split(C, dim=1)
     cache_k[rows, :, pos] = k.view(B, n_head, hd)
@@ -151,21 +174,36 @@ def _cached_attention(blk, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torc
     return blk.attn.proj(y.view(B, C))
 
 
+_COMPILED: dict[str | None, Callable] = {}
+
+
 def compiled_steps(sampler: SlotSampler, mode: str | None = None
                    ) -> Callable[[int, bool], None]:
-    """torch.compile `sampler.forward` for fixed shapes: one graph per padded size and
-    filtering, weights frozen in (prepacked matmuls on CPU), CUDA graphs with
-    mode="reduce-overhead". Each shape compiles on its first call."""
-    options = {"freezing": True}
-    # every sampler adds its own graphs to the one cache of `forward`'s code
-    limit = torch._dynamo.config
+    """`step` compiled for fixed shapes: one graph per GPT, padded size and filtering, shared
+    by every sampler of that GPT (their states are inputs of equal shapes). Weights are
+    frozen in (prepacked matmuls on CPU); mode="reduce-overhead" replays CUDA graphs over
+    the state's fixed addresses. Each shape compiles on its first call."""
+    if mode not in (None, "reduce-overhead"):
+        raise ValueError(f"unsupported mode {mode!r}: None or 'reduce-overhead'")
+    compiled = _COMPILED.get(mode)
+    if compiled is None:
+        options = {"freezing": True}
+        if mode == "reduce-overhead":
+            options["triton.cudagraphs"] = True
+        compiled = _COMPILED[mode] = torch.compile(step, dynamic=False, options=options)
+    limit = torch._dynamo.config  # each GPT and size adds graphs to the one cache of `step`
     limit.recompile_limit += 2 * len(sampler.sizes)
     limit.accumulated_recompile_limit += 2 * len(sampler.sizes)
+    st = sampler.state
     if mode == "reduce-overhead":
-        options["triton.cudagraphs"] = True
-    elif mode is not None:
-        raise ValueError(f"unsupported mode {mode!r}: None or 'reduce-overhead'")
-    return torch.compile(sampler.forward, dynamic=False, options=options)
+        for t in (*st.cache_k, *st.cache_v, *st[2:]):
+            torch._dynamo.mark_static_address(t)
+    gpt = sampler.gpt
+
+    def run(size: int, filtered: bool = True) -> None:
+        compiled(gpt, st, size, filtered)
+
+    return run
 
 
 @torch.no_grad()

@@ -106,7 +106,6 @@ class Collector:
         self.queued_images = 0
         self.accepting = True
         self._queues: dict[tuple, _Queue] = {}
-        self._depth: dict[tuple[str, str], int] = {}
         self._closing = False
         self._waiter: asyncio.Future | None = None
         self._waiting_on: _Queue | None = None
@@ -191,9 +190,8 @@ class Collector:
     def _count(self, q: _Queue, n: int) -> None:
         q.images += n
         self.queued_images += n
-        k = (q.operation, q.model)
-        self._depth[k] = self._depth.get(k, 0) + n
-        self.metrics.queue_depth.labels(*k).set(self._depth[k])
+        # inc, not set: /generate's series also counts the generation engine's waiting images
+        self.metrics.queue_depth.labels(q.operation, q.model).inc(n)
 
     def _unqueue(self, job: Job) -> None:
         """The job's future is done: if it still waits in its queue, it leaves it."""

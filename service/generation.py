@@ -41,7 +41,6 @@ class Ticket:
     n: int
     image: Callable[[int], SamplingBatch]  # image i's seeded one-row batch (built by a lane)
     guided: bool
-    filtered: bool  # top-k or top-p: the step must sort
     grid: tuple[int, int]
     future: asyncio.Future
     arrival: float
@@ -49,8 +48,10 @@ class Ticket:
     tokens: np.ndarray = field(init=False)
     left: int = field(init=False)  # images not finished
     cancelled: str | None = None  # why it must leave (client_gone, deadline)
-    started: float | None = None  # when its first image entered a slot
+    started: float | None = None  # when its first image entered a slot (loop.time())
     first_row: float | None = None
+    finished: float | None = None
+    company: int = 0  # images sampling in its lane at its first step
 
     def __post_init__(self) -> None:
         self.tokens = np.zeros((self.n, self.grid[0] * self.grid[1]), dtype=np.int64)
@@ -77,43 +78,48 @@ class Lane:
         self.engine = engine
         self.index = index
         self.sampler = sampler
-        self.steps: dict[tuple[int, bool], Callable[[int, bool], None]] = {}  # compiled ones
+        self.steps: dict[int, Callable[[int], None]] = {}  # compiled, by padded size
         self.free = list(range(sampler.capacity))  # a heap would do; sorted lists stay small
         self.active: list[_Image] = []
+        self.prepared = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"taming-gen-{engine.name}-{index}",
                                        daemon=True)
 
     # ---- set-up on the lane's own thread ---------------------------------------------------
     def prepare(self) -> None:
-        """Compile (optionally) and run every padded size once, filtered and not."""
+        """Compile (optionally) and run every padded size once. Lanes of one GPT share its
+        graphs, so only the first lane compiles; the others find them ready."""
         e = self.engine
         if e.on_thread is not None:
             e.on_thread()
         with torch.inference_mode():
             compiled = compiled_steps(self.sampler, e.compile_mode) if e.compile else None
             for size in self.sampler.sizes:
-                for filtered in (False, True):
-                    if compiled is not None and time.monotonic() < e.compile_deadline:
-                        compiled(size, filtered)
-                        self.steps[(size, filtered)] = compiled
-                    else:
-                        self.sampler(size, filtered)
-            if compiled is not None and len(self.steps) < 2 * len(self.sampler.sizes):
-                log.warning("%s lane %d: compile budget spent; %d of %d step shapes run eager",
-                            e.name, self.index, 2 * len(self.sampler.sizes) - len(self.steps),
-                            2 * len(self.sampler.sizes))
+                if compiled is not None and time.monotonic() < e.compile_deadline:
+                    compiled(size)
+                    self.steps[size] = compiled
+                else:
+                    self.sampler(size)
+            if compiled is not None and len(self.steps) < len(self.sampler.sizes):
+                log.warning("%s lane %d: compile budget spent; %d of %d step sizes run eager",
+                            e.name, self.index, len(self.sampler.sizes) - len(self.steps),
+                            len(self.sampler.sizes))
             self.sampler.release(list(range(self.sampler.capacity)))
-            if self.sampler.pos.device.type == "cuda":
+            if self.sampler.out.device.type == "cuda":
                 torch.cuda.synchronize()
 
     # ---- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
         e = self.engine
         try:
+            if self.index:  # one lane at a time: the first compiles, the others reuse
+                e.lanes[self.index - 1].prepared.wait()
             self.prepare()
         except BaseException as exc:  # start-up reports it; the lane never serves
             e._lane_failed(self, exc)
             return
+        finally:
+            self.prepared.set()
         e._lane_ready(self)
         with torch.inference_mode():
             while True:
@@ -128,6 +134,9 @@ class Lane:
     def _admit(self, joined: list[_Image]) -> None:
         if not joined:
             return
+        for im in joined:
+            if not im.ticket.company:
+                im.ticket.company = len(self.active) + len(joined)
         s = self.sampler
         batches = [im.ticket.image(im.index) for im in joined]
         s.admit([im.cond for im in joined], [im.uncond for im in joined],
@@ -139,14 +148,18 @@ class Lane:
         e = self.engine
         top = max(max(im.rows) for im in self.active) + 1
         size = next(s for s in self.sampler.sizes if s >= top)
-        filtered = any(im.ticket.filtered for im in self.active)
         t0 = time.perf_counter()
-        self.steps.get((size, filtered), self.sampler)(size, filtered)
+        # always the filtered pick: with top-k and top-p off it keeps every code, and one
+        # graph per size is half the start-up compilation
+        self.steps.get(size, self.sampler)(size)
         cols = self.engine.cols
         T = self.engine.seq_len
         for im in self.active:
             im.pos += 1
-        rows_done = [im for im in self.active if im.pos % cols == 0 and im.ticket.on_row]
+        # completed token rows: every one of a streamed request, the first of any other (for
+        # the time to its first row)
+        rows_done = [im for im in self.active if im.pos % cols == 0 and (
+            im.ticket.on_row is not None or (im.pos == cols and im.ticket.first_row is None))]
         finished = [im for im in self.active if im.pos == T]
         if rows_done or finished:
             out = self.sampler.out
@@ -203,7 +216,7 @@ class GenerationEngine:
         self.on_thread = on_thread
         rows = 2 * slots  # a guided image holds two rows
         per_lane = max(2, -(-rows // lanes))
-        self.lanes = [Lane(self, i, SlotSampler(gpt, per_lane).eval()) for i in range(lanes)]
+        self.lanes = [Lane(self, i, SlotSampler(gpt, per_lane)) for i in range(lanes)]
         self._lock = threading.Condition()
         self._waiting: deque[_Image] = deque()
         self._waiting_images = 0
@@ -254,7 +267,7 @@ class GenerationEngine:
                                RETRY_AFTER)
 
     def submit(self, n: int, image: Callable[[int], SamplingBatch], *, guided: bool,
-               filtered: bool, grid: tuple[int, int],
+               grid: tuple[int, int],
                on_row: Callable[[int, int, np.ndarray], None] | None = None,
                admitted: bool = False) -> Ticket:
         """Queue one request of n images; `image(i)` builds image i's seeded row."""
@@ -264,31 +277,32 @@ class GenerationEngine:
                                RETRY_AFTER)
         self.check_room(n)
         loop = self._loop
-        ticket = Ticket(n, image, guided, filtered, grid, loop.create_future(), loop.time(),
-                        on_row)
+        ticket = Ticket(n, image, guided, grid, loop.create_future(), loop.time(), on_row)
         with self._lock:
             self._waiting.extend(_Image(ticket, i) for i in range(n))
             self._waiting_images += n
-            self.metrics.queue_depth.labels("generate", self.name).set(self._waiting_images)
+            self.metrics.queue_depth.labels("generate", self.name).inc(n)
             self._lock.notify_all()
         loop.call_at(ticket.arrival + self.timeout_s, self._expire, ticket)
         return ticket
 
     def cancel(self, ticket: Ticket, reason: str, error: ServiceError) -> None:
-        """The ticket's images leave at the next step; its handler gets `error`."""
-        if ticket.future.done():
+        """The ticket's images leave at the next step; its handler gets `error` (a handler
+        that was itself cancelled has cancelled the future already)."""
+        if ticket.cancelled or ticket.finished is not None:
             return
         with self._lock:
             ticket.cancelled = reason
             before = len(self._waiting)
             self._waiting = deque(im for im in self._waiting if im.ticket is not ticket)
             self._waiting_images -= before - len(self._waiting)
-            self.metrics.queue_depth.labels("generate", self.name).set(self._waiting_images)
+            self.metrics.queue_depth.labels("generate", self.name).dec(before - len(self._waiting))
         self.metrics.rejected.labels(reason).inc()
-        ticket.future.set_exception(error)
+        if not ticket.future.done():
+            ticket.future.set_exception(error)
 
     def _expire(self, ticket: Ticket) -> None:
-        if not ticket.future.done():
+        if not ticket.future.done() or ticket.future.cancelled():
             self.cancel(ticket, "deadline", ServiceError(
                 504, "deadline_exceeded",
                 f"the request did not finish within {self.timeout_s:g} s"))
@@ -321,7 +335,7 @@ class GenerationEngine:
                     t.started = now
                     self.metrics.queue_wait.labels("generate", self.name).observe(now - t.arrival)
             if joined:
-                self.metrics.queue_depth.labels("generate", self.name).set(self._waiting_images)
+                self.metrics.queue_depth.labels("generate", self.name).dec(len(joined))
             return joined
 
     def _observe_step(self, size: int, seconds: float, images: int) -> None:
@@ -355,9 +369,11 @@ class GenerationEngine:
             if ticket.first_row is None:
                 ticket.first_row = now
                 self.metrics.time_to_first_row.labels(self.name).observe(now - ticket.arrival)
-            ticket.on_row(image, row, cells)
+            if ticket.on_row is not None:
+                ticket.on_row(image, row, cells)
         for ticket in done:
             if not ticket.future.done():
+                ticket.finished = now
                 ticket.future.set_result(ticket.tokens)
 
 

@@ -39,12 +39,6 @@ class GeneratePayload:
     def guided(self) -> bool:
         return self.settings["cfg_scale"] != 1
 
-    @property
-    def filtered(self) -> bool:
-        top_k = self.settings["top_k"]
-        return self.settings["top_p"] < 1 or (
-            top_k is not None and top_k < self.model_cfg.codebook_size)
-
 
 class WideGenerateRunner:
     """/generate on grids beyond the model's: sliding-window sampling, run to completion."""

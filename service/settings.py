@@ -43,8 +43,9 @@ class Settings(BaseSettings):
 
     # batching
     generate_slots: int = Field(64, ge=1, description=(
-        "Images sampling at once per transformer (the static KV cache; a guided image holds "
-        "a conditional and an unconditional row). Requests join and leave at every step."))
+        "Guided images sampling at once per transformer: the static KV cache holds twice as "
+        "many rows, a guided image takes two, an unguided one one. Requests join and leave "
+        "at every sampling step."))
     max_batch_size: int = Field(64, ge=1, description=(
         "Images per /encode, /decode or wide-grid /generate batch; 1 turns batching off."))
     max_wait_ms: float = Field(2.0, ge=0, description=(

@@ -201,8 +201,19 @@ class Service:
         ctx["images"] = payload.n
         self._arrived(ctx, self.arrivals)
         return self.generators[entry.name].submit(
-            payload.n, payload.image, guided=payload.guided, filtered=payload.filtered,
-            grid=payload.grid, on_row=on_row, admitted=self._admitted(ctx))
+            payload.n, payload.image, guided=payload.guided, grid=payload.grid, on_row=on_row,
+            admitted=self._admitted(ctx))
+
+    @staticmethod
+    def log_ticket(request: Request, ticket: Ticket) -> None:
+        """The access log's batch_size (images beside it at its first step), queue_ms (until
+        its first step) and compute_ms (sampling) for a /generate request."""
+        ctx = request.scope.get(LOG_KEY, {})
+        if ticket.started is not None:
+            ctx["batch_size"] = ticket.company
+            ctx["queue_ms"] = round((ticket.started - ticket.arrival) * 1000, 2)
+            if ticket.finished is not None:
+                ctx["compute_ms"] = round((ticket.finished - ticket.started) * 1000, 2)
 
     def cancel(self, entry: ModelEntry, ticket: Ticket, reason: str) -> None:
         """Free a ticket's slots at the next step (its client left, or its answer failed)."""

@@ -213,9 +213,7 @@ def access_log():
 @pytest.mark.parametrize("path,body", [
     ("/decode", {"tokens": [[1] * 7] * 7}),
     ("/generate", {"seed": 1, "grid": [7, 8]}),
-    pytest.param("/generate", {"seed": 1}, marks=pytest.mark.xfail(strict=True, reason=(
-        "the generation engine's requests log only `images`: docs/api.md promises "
-        "batch_size, queue_ms and compute_ms for every inference request"))),
+    ("/generate", {"seed": 1}),
 ], ids=["decode", "generate-wide", "generate"])
 def test_inference_requests_log_their_batch_and_timings(logging_client, access_log, path, body):
     r = logging_client.post(path, json=body)

@@ -136,6 +136,8 @@ async def _sampled(request: Request, svc, entry, payload: GeneratePayload) -> np
         return await ticket.future
     finally:
         watch.cancel()
+        svc.cancel(entry, ticket, "client_gone")  # a cancelled handler: its rows leave too
+        svc.log_ticket(request, ticket)
 
 
 async def _disconnected(request: Request) -> None:
@@ -213,6 +215,7 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
             if not finished:
                 svc.cancel(entry, ticket, "client_gone")
             done.cancel()
+            svc.log_ticket(request, ticket)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache",
