@@ -89,7 +89,7 @@ def test_compiled_step_picks_the_eager_steps_tokens():
     not: the same codes as the reference for images that join at random steps."""
     m = tiny()
     batch = mixed_batch(m, 5, sizes=(3, 2, 3))
-    sampler = SlotSampler(m, 16).eval()
+    sampler = SlotSampler(m, 16)
     with torch.inference_mode():
         got = staggered(sampler, batch, 5, compiled_steps(sampler))
     assert torch.equal(got, reference_generate(m, batch))
