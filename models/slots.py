@@ -17,6 +17,7 @@ reference sampler, whichever rows run beside it and whenever it joined.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -174,36 +175,87 @@ def _cached_attention(blk, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torc
     return blk.attn.proj(y.view(B, C))
 
 
-_COMPILED: dict[str | None, Callable] = {}
+_COMPILED: dict[str, Callable] = {}
 
 
-def compiled_steps(sampler: SlotSampler, mode: str | None = None
-                   ) -> Callable[[int, bool], None]:
-    """`step` compiled for fixed shapes: one graph per GPT, padded size and filtering, shared
-    by every sampler of that GPT (their states are inputs of equal shapes). Weights are
-    frozen in (prepacked matmuls on CPU); mode="reduce-overhead" replays CUDA graphs over
-    the state's fixed addresses. Each shape compiles on its first call."""
-    if mode not in (None, "reduce-overhead"):
-        raise ValueError(f"unsupported mode {mode!r}: None or 'reduce-overhead'")
-    compiled = _COMPILED.get(mode)
+def compiled_steps(sampler: SlotSampler) -> Callable[[int], None]:
+    """`step` as a fixed-shape graph per padded size, shared by every sampler of one GPT
+    (their states are inputs of equal shapes); each size is built on its first call.
+
+    On CUDA: torch.compile with CUDA graphs (mode "reduce-overhead") replayed over the
+    state's fixed addresses, since a model this small is bound by kernel launches. On CPU:
+    a frozen TorchScript trace (weights folded in, matmuls prepacked), which runs in C++
+    with the GIL released: beside a busy event loop, and beside the other lanes, a step of
+    Python-driven kernels waits for the GIL at every op (BENCHMARKS.md, "compiled step").
+    """
+    if sampler.out.device.type == "cuda":
+        return _inductor_steps(sampler)
+    return _traced_steps(sampler)
+
+
+def _inductor_steps(sampler: SlotSampler) -> Callable[[int], None]:
+    compiled = _COMPILED.get("cuda")
     if compiled is None:
-        options = {"freezing": True}
-        if mode == "reduce-overhead":
-            options["triton.cudagraphs"] = True
-        compiled = _COMPILED[mode] = torch.compile(step, dynamic=False, options=options)
-    limit = torch._dynamo.config  # each GPT and size adds graphs to the one cache of `step`
-    limit.recompile_limit += 2 * len(sampler.sizes)
-    limit.accumulated_recompile_limit += 2 * len(sampler.sizes)
+        compiled = _COMPILED["cuda"] = torch.compile(
+            step, dynamic=False, options={"freezing": True, "triton.cudagraphs": True})
+    limit = torch._dynamo.config  # each GPT and size adds a graph to the one cache of `step`
+    limit.recompile_limit += len(sampler.sizes)
+    limit.accumulated_recompile_limit += len(sampler.sizes)
     st = sampler.state
-    if mode == "reduce-overhead":
-        for t in (*st.cache_k, *st.cache_v, *st[2:]):
-            torch._dynamo.mark_static_address(t)
+    for t in _flat(st):
+        torch._dynamo.mark_static_address(t)
     gpt = sampler.gpt
 
-    def run(size: int, filtered: bool = True) -> None:
-        compiled(gpt, st, size, filtered)
+    def run(size: int) -> None:
+        compiled(gpt, st, size, True)
 
     return run
+
+
+class _StepGraph(torch.nn.Module):
+    """`step` at one size over the state's tensors, flat: the form torch.jit.trace takes."""
+
+    def __init__(self, gpt: GPT, size: int) -> None:
+        super().__init__()
+        self.gpt, self.size = gpt, size
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        n = len(self.gpt.blocks)
+        st = SlotState(tensors[:n], tensors[n:2 * n], *tensors[2 * n:])
+        step(self.gpt, st, self.size, True)
+        return st.out
+
+
+_TRACED: dict[tuple[int, int], torch.jit.ScriptModule] = {}  # (id of GPT, size)
+
+
+def _traced_steps(sampler: SlotSampler) -> Callable[[int], None]:
+    gpt, flat = sampler.gpt, _flat(sampler.state)
+
+    def run(size: int) -> None:
+        graph = _TRACED.get((id(gpt), size))
+        if graph is None:
+            with warnings.catch_warnings():  # TorchScript is deprecated; its trace still runs
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                graph = torch.jit.freeze(torch.jit.trace(_StepGraph(gpt, size).eval(), flat,
+                                                         check_trace=False))
+            _TRACED[(id(gpt), size)] = graph  # the trace ran one step: that was this call's
+            return
+        graph(*flat)
+
+    return run
+
+
+def graphs_built() -> int:
+    """Step graphs built so far in this process (traced, and compiled by torch.compile)."""
+    from torch._dynamo.utils import counters
+
+    return len(_TRACED) + counters["stats"]["unique_graphs"]
+
+
+def _flat(st: SlotState) -> tuple[torch.Tensor, ...]:
+    return (*st.cache_k, *st.cache_v, *st[2:])
 
 
 @torch.no_grad()

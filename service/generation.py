@@ -93,7 +93,7 @@ class Lane:
         if e.on_thread is not None:
             e.on_thread()
         with torch.inference_mode():
-            compiled = compiled_steps(self.sampler, e.compile_mode) if e.compile else None
+            compiled = compiled_steps(self.sampler) if e.compile else None
             for size in self.sampler.sizes:
                 if compiled is not None and time.monotonic() < e.compile_deadline:
                     compiled(size)
@@ -209,8 +209,6 @@ class GenerationEngine:
         self.codebook_size = cfg.codebook_size
         self.compile = compile
         self.compile_deadline = compile_deadline  # time.monotonic(): later sizes stay eager
-        device = next(gpt.parameters()).device
-        self.compile_mode = "reduce-overhead" if device.type == "cuda" else None
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.on_thread = on_thread

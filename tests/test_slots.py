@@ -41,7 +41,7 @@ def staggered(sampler: SlotSampler, batch: SamplingBatch, seed: int, step=None) 
         if active:
             top = max(r for _, c, u in active.values() for r in (c, u) if r is not None) + 1
             size = next(s for s in sampler.sizes if s >= top)
-            step(size, True)
+            step(size)
         t += 1
         for i, (start, c, u) in list(active.items()):
             if t - start == T:
@@ -53,8 +53,8 @@ def staggered(sampler: SlotSampler, batch: SamplingBatch, seed: int, step=None) 
     return torch.stack([out[i] for i in range(len(batch))])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-@pytest.mark.parametrize("window", [(1, 1), (2, 3), (3, 9)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("window", [(1, 1), (3, 9)])
 def test_images_joining_at_any_step_get_the_reference_tokens(seed, window):
     m = tiny(window)
     batch = mixed_batch(m, seed, sizes=(3, 2, 3))
@@ -83,10 +83,9 @@ def test_padded_sizes():
     assert padded_sizes(2) == (2,)
 
 
-@pytest.mark.slow
 def test_compiled_step_picks_the_eager_steps_tokens():
-    """torch.compile (inductor, C++ on CPU) of the step, at two padded sizes, filtered and
-    not: the same codes as the reference for images that join at random steps."""
+    """The compiled step (a frozen TorchScript graph per padded size on CPU): the same codes
+    as the reference for images that join at random steps."""
     m = tiny()
     batch = mixed_batch(m, 5, sizes=(3, 2, 3))
     sampler = SlotSampler(m, 16)
