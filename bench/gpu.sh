@@ -1,31 +1,134 @@
 #!/usr/bin/env bash
-# One prepared run of the GPU benchmarks for a lent H100/H200 (a few minutes in all):
-#   1. sampler, eager, batch 1..1024 (images/s, peak memory), reference at 8 and 64;
-#   2. sampler with torch.compile (mode reduce-overhead: CUDA graphs) at the same sizes;
-#   3. the HTTP server on the GPU under load (/generate, /encode, /decode; batched vs
-#      max_batch_size=1; in-process ceiling), shorter levels than on CPU.
-# Results land in $OUT (or bench/results/gpu) as JSON; the table is printed last.
-#   bash bench/gpu.sh          (from the repository root, with the venv or torch+deps installed)
-set -euo pipefail
+# One unattended run of the GPU benchmarks on a CUDA host, under 9 minutes on one GPU:
+#   env        torch, CUDA, nvidia-smi                                   -> env.json
+#   sampler    models.slots.generate eager vs the compiled step (CUDA graphs) at the
+#              checkpoint's sampling defaults (cfg 1.5), batch 1..1,024, peak GPU memory,
+#              the reference sampler at batch 1 and 8                    -> sampler.json
+#   tokenizer  frozen (TorchScript) vs eager VQ-VAE outputs on CUDA      -> tokenizer.json
+#   serve_*    the server on CUDA, /generate at 1, 32, 128 and 256 clients, compiled step
+#              off and on (TAMING_COMPILE), generate slots 64 and 1,024  -> serve_*.json
+#   util       nvidia-smi utilisation every 200 ms beside the whole run  -> util.json
+# Every step runs under its own timeout (capped by what is left of the run's limit) and writes
+# its JSON as it goes; steps.jsonl records each step's status; the summary table (images/s at
+# saturation beside the GPU utilisation of the same window) is printed last -> summary.json.
+#
+#   bash bench/gpu.sh            on a CUDA host, from anywhere; results in $OUT or bench/results/gpu
+#   bash bench/gpu.sh --smoke    every step on the CPU at tiny sizes (under 2 minutes on 2 cores),
+#                                the same files in $OUT or bench/results/gpu-smoke
+#
+# PY picks the interpreter (default: .venv/bin/python, else python3). A host that lacks the
+# web stack gets it from the offline wheelhouse (bench/gpu_deps.sh; `make gpu-wheels` builds it).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+SMOKE=0
+case "${1:-}" in
+  --smoke) SMOKE=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu.sh [--smoke]" >&2; exit 2 ;;
+esac
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-DEST=${OUT:-bench/results/gpu}
+if [ "$SMOKE" = 1 ]; then
+  DEST=${OUT:-bench/results/gpu-smoke}
+  DEVICE=cpu; LIMIT_S=${GPU_RUN_LIMIT_S:-115}
+  BATCHES=1,4; REF=1; TOK_BATCHES=1,8; REPEAT=1; COMPILE_BUDGET=30
+  CLIENTS=1,2; WARMUP=0.5; DURATION=1; SLOTS=4
+  # one lane of 4 slots steps 8 rows, the sampler's compiled batch of 4: the server finds
+  # that graph in inductor's cache
+  SERVER_ENV=(--env TAMING_TORCH_THREADS=1)
+  B_ENV=20; B_SAMPLER=45; B_TOK=20; B_EAGER=25; B_COMPILED=40
+else
+  DEST=${OUT:-bench/results/gpu}
+  DEVICE=cuda; LIMIT_S=${GPU_RUN_LIMIT_S:-510}
+  BATCHES=1,8,64,256,1024; REF=1,8; TOK_BATCHES=1,64,1024; REPEAT=0; COMPILE_BUDGET=120
+  CLIENTS=1,32,128,256; WARMUP=1; DURATION=3; SLOTS="64 1024"
+  SERVER_ENV=(--env TAMING_DEVICE=cuda)
+  B_ENV=60; B_SAMPLER=170; B_TOK=60; B_EAGER=45; B_COMPILED=110
+fi
+RESERVE_S=8  # kept back for the table
 mkdir -p "$DEST"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$DEST/gpu.txt"
-"$PY" - <<'EOF'
-import torch
-assert torch.cuda.is_available(), "no CUDA device visible to torch"
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
-EOF
-SIZES=1,8,64,256,1024
-timeout 240 "$PY" bench/sampler.py --device cuda --batch-sizes $SIZES --reference-sizes 8,64 \
-  --out "$DEST/sampler_eager.json" | tee "$DEST/sampler_eager.txt"
-timeout 300 "$PY" bench/sampler.py --device cuda --batch-sizes $SIZES --reference-sizes "" \
-  --compile --out "$DEST/sampler_compiled.json" | tee "$DEST/sampler_compiled.txt" \
-  || echo "compiled sampler run failed or timed out" | tee -a "$DEST/sampler_compiled.txt"
-timeout 300 "$PY" bench/serve.py --duration 4 --warmup 1 --clients 1,32,128,512 \
-  --max-batch-size 256 --env TAMING_DEVICE=cuda --env TAMING_MAX_QUEUE=4096 \
-  --out "$DEST/serve.json" | tee "$DEST/serve.txt"
-echo "=== sampler, eager";    tail -n 6 "$DEST/sampler_eager.txt"
-echo "=== sampler, compiled"; tail -n 6 "$DEST/sampler_compiled.txt"
-echo "=== server";            sed -n '/^op /,$p' "$DEST/serve.txt"
+rm -f "$DEST"/{env,sampler,tokenizer,util,summary}.json "$DEST"/serve_*.json "$DEST"/steps.jsonl \
+  "$DEST"/*.log
+START=$(date +%s)
+echo "gpu.sh: $([ "$SMOKE" = 1 ] && echo "smoke run on the CPU" || echo "CUDA run"), results in $DEST," \
+     "at most ${LIMIT_S} s"
+
+# The server's web stack: the host's own, else the wheelhouse (never the network).
+if ! "$PY" -c 'import torch, numpy, fastapi, uvicorn, pydantic_settings, prometheus_client, safetensors, PIL' \
+     2>/dev/null; then
+  # shellcheck source=bench/gpu_deps.sh
+  source bench/gpu_deps.sh
+  gpu_deps "$PY" || { echo "gpu.sh: the serving packages are missing (see bench/gpu_deps.sh)" >&2; exit 1; }
+fi
+
+# step NAME BUDGET_S COMMAND...: runs under min(BUDGET_S, what the run has left), logs to
+# NAME.log, appends its status to steps.jsonl. A failed or timed-out step does not end the run.
+step() {
+  local name=$1 budget=$2
+  shift 2
+  local left=$(( START + LIMIT_S - RESERVE_S - $(date +%s) ))
+  local limit=$(( budget < left ? budget : left ))
+  local status rc t0 tenths
+  t0=$(date +%s%N)
+  if [ "$limit" -lt 5 ]; then
+    status=skipped; rc=-1
+    echo "=== $name: skipped (${left} s left)"
+  else
+    echo "=== $name (limit ${limit} s)"
+    # timeout signals the whole process group: a benchmark's server goes with it
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$DEST/$name.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+      0) status=ok ;;
+      124|137) status=timeout ;;
+      *) status=failed ;;
+    esac
+  fi
+  tenths=$(( ($(date +%s%N) - t0) / 100000000 ))
+  printf '{"step": "%s", "status": "%s", "rc": %d, "seconds": %d.%d, "limit_s": %d}\n' \
+    "$name" "$status" "$rc" $((tenths / 10)) $((tenths % 10)) "$limit" >> "$DEST/steps.jsonl"
+}
+
+"$PY" bench/gpu_checks.py util --out "$DEST/util.json" &
+UTIL_PID=$!
+stop_util() {
+  if [ -n "${UTIL_PID:-}" ]; then
+    kill -TERM "$UTIL_PID" 2>/dev/null
+    wait "$UTIL_PID" 2>/dev/null
+    UTIL_PID=
+  fi
+}
+trap stop_util EXIT
+
+SMOKE_FLAG=()
+[ "$SMOKE" = 1 ] && SMOKE_FLAG=(--smoke)
+step env "$B_ENV" "$PY" bench/gpu_checks.py env "$DEST" "${SMOKE_FLAG[@]}"
+if [ "$SMOKE" = 0 ] && ! grep -q '"cuda_available": true' "$DEST/env.json" 2>/dev/null; then
+  echo "gpu.sh: torch sees no CUDA device; bash bench/gpu.sh --smoke runs on the CPU" >&2
+  exit 1
+fi
+
+REPEAT_FLAG=()
+[ "$REPEAT" != 0 ] && REPEAT_FLAG=(--repeat "$REPEAT")
+step sampler "$B_SAMPLER" "$PY" bench/sampler.py --device "$DEVICE" --batch-sizes "$BATCHES" \
+  --reference-sizes "$REF" --budget-s "$COMPILE_BUDGET" "${REPEAT_FLAG[@]}" --out "$DEST/sampler.json"
+
+step tokenizer "$B_TOK" "$PY" bench/gpu_checks.py tokenizer --device "$DEVICE" \
+  --batch-sizes "$TOK_BATCHES" --out "$DEST/tokenizer.json"
+
+# /generate only, one model, no batching-off baseline and no in-process ceiling (the sampler
+# step is that): eager and compiled side by side at each slot count, the costliest last.
+for slots in $SLOTS; do
+  for mode in eager compiled; do
+    compile=$([ "$mode" = compiled ] && echo true || echo false)
+    budget=$([ "$mode" = compiled ] && echo "$B_COMPILED" || echo "$B_EAGER")
+    step "serve_${mode}_slots${slots}" "$budget" "$PY" bench/serve.py --ops generate \
+      --clients "$CLIENTS" --warmup "$WARMUP" --duration "$DURATION" --no-baseline --no-ceiling \
+      --device "$DEVICE" --ready-timeout "$budget" "${SERVER_ENV[@]}" --env TAMING_MODELS=mnist \
+      --env TAMING_COMPILE="$compile" --env TAMING_GENERATE_SLOTS="$slots" \
+      --out "$DEST/serve_${mode}_slots${slots}.json"
+  done
+done
+
+stop_util
+echo "gpu.sh: $(( $(date +%s) - START )) s in all"
+"$PY" bench/gpu_checks.py table "$DEST"

@@ -1,10 +1,20 @@
-"""Benchmark: fast batched sampler vs the reference sampler, on the same weights, same run.
+"""Benchmark: the slot sampler eager (`models.slots.generate`) vs its compiled step, and the
+reference sampler, on the same weights in the same run.
 
-Prints a table and writes JSON (bench/results/sampler.json). Not a test.
-    python bench/sampler.py [--checkpoint checkpoints/mnist] [--device cpu|cuda] [--compile]
+Every image samples at the checkpoint's `sampling_defaults` (the server's defaults: cfg 1.5,
+so a guided image takes two rows). Eager is `generate` as the library runs it; compiled is
+the same sampler stepped by `compiled_steps` (on CUDA torch.compile with CUDA graphs, mode
+reduce-overhead; on CPU a frozen TorchScript trace), reused across calls and always taking
+the filtered pick, the way the server's engine runs its slots (eager `generate` skips the
+sort when no row filters, as at these defaults). Each size runs once untimed first
+(compilation, graph capture); peak memory is the device's peak allocation on CUDA, the
+process's peak RSS on CPU.
 
---compile: torch.compile of the decode step (models.sampling.compile_sampler; on CUDA with
-CUDA graphs). Compile time is not in the timings: each batch size runs once untimed first.
+    python bench/sampler.py [--checkpoint checkpoints/mnist] [--device cpu|cuda]
+        [--batch-sizes 1,8,64,256] [--reference-sizes 1,8] [--no-compile] [--budget-s S]
+
+Writes JSON (bench/results/sampler.json) after every measurement, so a run cut short keeps
+what it measured; prints a table at the end. Not a test.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,28 +33,50 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.checkpoint import load_bundle  # noqa: E402
-from models.sampling import (  # noqa: E402
-    SamplingBatch,
-    compile_sampler,
-    generate,
-    make_batch,
-    reference_generate,
-)
+from models.gpt import GPT  # noqa: E402
+from models.sampling import SamplingBatch, filtering, make_batch, reference_generate  # noqa: E402
+from models.slots import SlotSampler, compiled_steps, generate  # noqa: E402
 
 
-def batch_of(cfg, n: int, seed: int) -> SamplingBatch:
+def batch_of(gpt: GPT, n: int, defaults: dict, seed: int) -> SamplingBatch:
+    """n seeded images at the server's defaults, labels cycling through the classes."""
+    cfg = gpt.config
     g = torch.Generator().manual_seed(seed)
-    return SamplingBatch.cat([make_batch(cfg, 1, cfg.grid, label=i % cfg.n_classes, generator=g)
-                              for i in range(n)])
+    settings = {k: defaults[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")
+                if defaults.get(k) is not None}
+    return SamplingBatch.cat([make_batch(cfg, 1, cfg.grid, label=i % cfg.n_classes,
+                                         generator=g, **settings) for i in range(n)])
+
+
+class CompiledGenerate:
+    """`generate` over one reused sampler whose step is compiled, as the server's engine runs
+    it (the filtered pick, whatever the settings): admit, then T steps."""
+
+    def __init__(self, gpt: GPT, batch: SamplingBatch) -> None:
+        cfg = gpt.config
+        self.batch, self.null_class, self.T = batch, cfg.null_class, cfg.seq_len
+        guided = (batch.cfg_scale != 1).tolist()
+        self.sampler = SlotSampler(gpt, len(batch) + sum(guided))
+        spare = iter(range(len(batch), self.sampler.capacity))
+        self.cond = list(range(len(batch)))
+        self.uncond = [next(spare) if g else None for g in guided]
+        self.step = compiled_steps(self.sampler)
+
+    def __call__(self) -> torch.Tensor:
+        s = self.sampler
+        s.admit(self.cond, self.uncond, self.batch, self.null_class)
+        for _ in range(self.T):
+            self.step(s.capacity)
+        return s.out[:len(self.batch)].clone()
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeat: int) -> float:
-    """Median seconds of `repeat` runs after one warm-up run."""
+def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    """Median seconds of `repeat` runs after one untimed run."""
     fn()
     sync(device)
     times = []
@@ -55,58 +88,116 @@ def timed(fn, device, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def same_rows(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Rows with identical tokens, as "k/n" (float rounding may differ: reported, not asserted)."""
+    same = (a.cpu() == b.cpu()).all(1)
+    return f"{int(same.sum())}/{len(same)}"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="checkpoints/mnist")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-sizes", default="1,8,64,256")
-    ap.add_argument("--reference-sizes", default="8,64", help="the reference is slow: fewer sizes")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    ap.add_argument("--reference-sizes", default="1,8",
+                    help="the reference re-forwards every prefix: small sizes only ('' for none)")
+    ap.add_argument("--no-compile", action="store_true", help="eager and reference only")
+    ap.add_argument("--repeat", type=int, default=0,
+                    help="timed runs per size (0: 5 up to batch 64, 3 above)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="skip the compiled sizes not started within this many seconds")
     ap.add_argument("--out", default="bench/results/sampler.json")
     args = ap.parse_args()
+    t_start = time.monotonic()
     device = torch.device(args.device)
     bundle = load_bundle(args.checkpoint, device=device, require_gpt=True)
     gpt = bundle.gpt
-    if args.compile:
-        compile_sampler(gpt, mode="reduce-overhead" if device.type == "cuda" else None,
-                        dynamic=False)
     cfg = gpt.config
-    rows = []
-    for n in [int(x) for x in args.batch_sizes.split(",")]:
-        b = batch_of(cfg, n, seed=n)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t_fast = timed(lambda b=b: generate(gpt, b), device, repeat=5 if n <= 64 else 3)
-        row = {"batch": n, "fast_images_per_s": n / t_fast, "fast_ms_per_batch": t_fast * 1e3,
-               "peak_mb": peak_mb(device)}
-        if str(n) in args.reference_sizes.split(","):
-            t_ref = timed(lambda b=b: reference_generate(gpt, b), device, repeat=3)
-            row.update(reference_images_per_s=n / t_ref, speedup=t_ref / t_fast)
-            # float32 rounding differs between batch sizes: report, rather than assert, agreement
-            same = (generate(gpt, b).cpu() == reference_generate(gpt, b).cpu()).all(1)
-            row["rows_identical_to_reference"] = f"{int(same.sum())}/{n}"
-        rows.append(row)
+    defaults = dict(bundle.config.get("sampling_defaults") or {})
+    mode = ("torch.compile, reduce-overhead (CUDA graphs)" if device.type == "cuda"
+            else "frozen TorchScript trace")
+    sizes = [int(x) for x in args.batch_sizes.split(",") if x]
+    ref_sizes = {int(x) for x in args.reference_sizes.split(",") if x}
+    batches = {n: batch_of(gpt, n, defaults, seed=n).to(device) for n in sizes}
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads"
                        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
             "device": str(device), "checkpoint": args.checkpoint, "torch": torch.__version__,
-            "compile": args.compile, "grid": list(cfg.grid), "d_model": cfg.d_model,
-            "n_layer": cfg.n_layer}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            "sampling": defaults, "compile_mode": mode,
+            "eager_pick_filtered": filtering(batches[sizes[0]].top_k, batches[sizes[0]].top_p,
+                                             cfg.codebook_size) if sizes else None,
+            "compiled_pick_filtered": True, "grid": list(cfg.grid),
+            "d_model": cfg.d_model, "n_layer": cfg.n_layer,
+            "peak_memory": "cuda max_memory_allocated" if device.type == "cuda"
+                           else "process peak RSS (monotone over the run)"}
+    rows: dict[int, dict] = {n: {"batch": n} for n in sizes}
+
+    def repeats(n: int) -> int:
+        return args.repeat or (5 if n <= 64 else 3)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(done: bool = False) -> None:
+        meta["complete"] = done
+        out.write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1))
+
+    with torch.inference_mode():
+        for n in sizes:  # eager first: cheap, and a compile that runs long cannot cost it
+            b, row = batches[n], rows[n]
+            reset_peak(device)
+            t = timed(lambda b=b: generate(gpt, b), device, repeats(n))
+            row.update(eager_images_per_s=round(n / t, 1), eager_ms=round(t * 1e3, 2),
+                       eager_peak_mb=peak_mb(device))
+            if n in ref_sizes:
+                t_ref = timed(lambda b=b: reference_generate(gpt, b), device, min(3, repeats(n)))
+                row.update(reference_images_per_s=round(n / t_ref, 2),
+                           eager_over_reference=round(t_ref / t, 1),
+                           eager_same_as_reference=same_rows(generate(gpt, b),
+                                                             reference_generate(gpt, b)))
+            save()
+            print(f"eager batch {n}: {row}", flush=True)
+        for n in [] if args.no_compile else sizes:
+            row = rows[n]
+            if time.monotonic() - t_start > args.budget_s:
+                row["compiled_skipped"] = f"budget of {args.budget_s:g} s spent"
+                continue
+            reset_peak(device)
+            t0 = time.monotonic()
+            run = CompiledGenerate(gpt, batches[n])
+            tokens = run()  # compiles (and on CUDA records) this size
+            sync(device)
+            row["compile_s"] = round(time.monotonic() - t0, 1)
+            t = timed(run, device, repeats(n))
+            row.update(compiled_images_per_s=round(n / t, 1), compiled_ms=round(t * 1e3, 2),
+                       compiled_peak_mb=peak_mb(device),
+                       compiled_over_eager=round(row["eager_ms"] / (t * 1e3), 2),
+                       compiled_same_as_eager=same_rows(tokens, generate(gpt, batches[n])))
+            save()
+            print(f"compiled batch {n}: {row}", flush=True)
+    save(done=True)
     print(json.dumps(meta))
-    print(f"{'batch':>6} {'fast img/s':>11} {'ms/batch':>9} {'ref img/s':>10} {'speedup':>8} {'peak MB':>8}")
-    for r in rows:
-        ref = (f"{r['reference_images_per_s']:10.1f} {r['speedup']:7.1f}x" if "speedup" in r
-               else f"{'-':>10} {'-':>8}")
-        print(f"{r['batch']:6d} {r['fast_images_per_s']:11.1f} {r['fast_ms_per_batch']:9.1f} {ref} "
-              f"{r['peak_mb']:8.0f}")
+    print(f"{'batch':>6} {'eager img/s':>11} {'compiled img/s':>14} {'x':>6} {'ref img/s':>9} "
+          f"{'eager MB':>9} {'compiled MB':>11} {'compile s':>9}")
+    for r in rows.values():
+        def f(key: str, fmt: str, w: int, r: dict = r) -> str:
+            return format(r[key], fmt).rjust(w) if key in r else "-".rjust(w)
+        print(f"{r['batch']:6d} {f('eager_images_per_s', '.1f', 11)} "
+              f"{f('compiled_images_per_s', '.1f', 14)} {f('compiled_over_eager', '.2f', 6)} "
+              f"{f('reference_images_per_s', '.2f', 9)} {f('eager_peak_mb', '.0f', 9)} "
+              f"{f('compiled_peak_mb', '.0f', 11)} {f('compile_s', '.1f', 9)}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ The load generator speaks HTTP/1.1 keep-alive over asyncio streams itself: on a 
 it shares the CPU with the server, and a heavyweight client would measure itself.
 
     python bench/serve.py [--duration 8] [--clients 1,8,32,64,128] [--ops generate,encode,decode]
+        [--env KEY=VALUE ...] [--no-baseline] [--no-ceiling] [--out PATH]
 
-Prints a table and writes bench/results/serve.json. Not a test.
+/generate runs on the step-level engine whatever max_batch_size says; --no-baseline skips the
+second server, --no-ceiling the in-process figures (bench/gpu.sh runs one server per setting).
+Prints a table and writes bench/results/serve.json, rewritten after every level so a run cut
+short keeps what it measured; each level carries its measured window (Unix time), to line it
+up with samples taken beside the run (GPU utilisation). Not a test.
 """
 
 from __future__ import annotations
@@ -180,6 +185,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, env: dict[str, str]) -> None:
+        self.t0 = time.monotonic()
+        self.startup_s = float("nan")
         self.port = free_port()
         full = dict(os.environ, TAMING_HOST="127.0.0.1", TAMING_PORT=str(self.port),
                     TAMING_LOG_LEVEL="warning", **env)
@@ -195,6 +202,7 @@ class Server:
                 status, _ = await Connection("127.0.0.1", self.port).request(
                     "GET", "/readyz", b"", "text/plain")
                 if status == 200:
+                    self.startup_s = round(time.monotonic() - self.t0, 1)
                     return
             except OSError:
                 pass
@@ -241,11 +249,15 @@ def batch_stats(text: str, op: str, model: str) -> tuple[float, float]:
 
 
 async def run_server(label: str, env: dict[str, str], makers: dict, ops: list[str],
-                     clients: list[int], model: str, args, before_op=None) -> dict:
+                     clients: list[int], model: str, args, before_op=None,
+                     on_level=None) -> dict:
+    """One server process through every level; `on_level(run)` after each (partial results)."""
     server = Server(env)
+    rows: list[dict] = []
+    run = {"label": label, "env": env, "levels": rows, "startup_s": None, "memory": None}
     try:
-        await server.wait_ready()
-        rows = []
+        await server.wait_ready(args.ready_timeout)
+        run["startup_s"] = server.startup_s
         for op in ops:
             if before_op is not None:
                 before_op(op)  # the server is idle meanwhile
@@ -253,6 +265,7 @@ async def run_server(label: str, env: dict[str, str], makers: dict, ops: list[st
                 before = batch_stats(await server.metrics(), op, model)
                 cpu0 = server.cpu_s()
                 per = 1 if op == "generate" else args.images_per_request
+                t_wall = time.time()
                 r = await load_level("127.0.0.1", server.port, makers[op], c, args.warmup,
                                      args.duration, per)
                 cpu = server.cpu_s() - cpu0  # warm-up included: per request over all of them
@@ -260,13 +273,18 @@ async def run_server(label: str, env: dict[str, str], makers: dict, ops: list[st
                 n = after[1] - before[1]
                 r.update(op=op, mean_batch=round((after[0] - before[0]) / n, 1) if n else None,
                          server_cpu_ms_per_image=round(1000 * cpu / max(1.0, after[0] - before[0]),
-                                                       2))
+                                                       2),
+                         window=[round(t_wall + args.warmup, 2),
+                                 round(t_wall + args.warmup + args.duration, 2)])
                 rows.append(r)
+                run["memory"] = server.rss_mb()
+                if on_level is not None:
+                    on_level(run)
                 print(f"  [{label}] {op:8s} clients={c:4d} {r['throughput']:8.1f}/s "
                       f"p50={r['p50_ms']:8.2f} p99={r['p99_ms']:8.2f} ms "
                       f"batch={r['mean_batch']} cpu/img={r['server_cpu_ms_per_image']} ms "
                       f"statuses={r['statuses']}", flush=True)
-        return {"label": label, "env": env, "levels": rows, "memory": server.rss_mb()}
+        return run
     finally:
         server.stop()
 
@@ -342,15 +360,17 @@ def ceiling(bundle, frozen: FrozenTokenizer, ops: list[str], sizes: list[int], d
     return {"images_per_s": out, "single_image": single, "tokenizer_variants": variants}
 
 
-async def amain(args) -> dict:
+async def amain(args, save) -> dict:
     ops = args.ops.split(",")
     clients = [int(c) for c in args.clients.split(",")]
     makers = request_makers(args.model, load_bundle(ROOT / "checkpoints" / args.model, device="cpu"),
                             args.images_per_request)
-    bundle = load_bundle(ROOT / "checkpoints" / args.model, device=args.device)
     sizes = sorted({min(c, args.max_batch_size) for c in clients})
     ceil: dict = {"images_per_s": {}, "single_image": {}, "tokenizer_variants": {}}
-    frozen = FrozenTokenizer(bundle.vqvae)
+    if args.ceiling:  # else no model here: the server alone holds the device
+        bundle = load_bundle(ROOT / "checkpoints" / args.model, device=args.device)
+        frozen = FrozenTokenizer(bundle.vqvae)
+    res: dict = {"ceiling": ceil, "runs": []}
 
     def measure_ceiling(op: str) -> None:
         """Right before the op's batched levels: this machine's speed drifts by a third over
@@ -360,25 +380,37 @@ async def amain(args) -> dict:
         for k, v in ceiling(bundle, frozen, [op], sizes, args.device).items():
             ceil[k].update(v)
 
-    runs = []
-    for label, env in (("batched", {"TAMING_MAX_BATCH_SIZE": str(args.max_batch_size),
-                                    **dict(kv.split("=", 1) for kv in args.env)}),
-                       ("unbatched", {"TAMING_MAX_BATCH_SIZE": "1",
-                                      **dict(kv.split("=", 1) for kv in args.env)})):
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    servers = [("batched", {"TAMING_MAX_BATCH_SIZE": str(args.max_batch_size), **extra})]
+    if args.baseline:
+        servers.append(("unbatched", {"TAMING_MAX_BATCH_SIZE": "1", **extra}))
+    for i, (label, env) in enumerate(servers):
         print(f"server, {label}: {env}", flush=True)
-        runs.append(await run_server(label, env, makers, ops, clients, args.model, args,
-                                     measure_ceiling if label == "batched" else None))
-    return {"ceiling": ceil, "runs": runs}
+
+        def partial(run: dict, i: int = i) -> None:
+            res["runs"][i:] = [run]
+            save(res)
+
+        res["runs"].append(await run_server(
+            label, env, makers, ops, clients, args.model, args,
+            measure_ceiling if label == "batched" and args.ceiling else None, partial))
+    return res
 
 
 def summarize(res: dict, args) -> dict:
     ceil = res["ceiling"]["images_per_s"]
-    batched, unbatched = res["runs"]
+    batched = res["runs"][0]
+    unbatched = res["runs"][1] if len(res["runs"]) > 1 else {"levels": []}
     summary = {}
     for op in args.ops.split(","):
         b = {r["clients"]: r for r in batched["levels"] if r["op"] == op}
         u = {r["clients"]: r for r in unbatched["levels"] if r["op"] == op}
         best = max(b.values(), key=lambda r: r["throughput"])
+        if op not in ceil:
+            summary[op] = {"saturation_throughput": best["throughput"],
+                           "saturation_clients": best["clients"],
+                           "one_client_p50_ms": b[1]["p50_ms"] if 1 in b else None}
+            continue
         top = max(ceil[op])
         summary[op] = {
             "speedup_at_64": round(b[64]["throughput"] / u[64]["throughput"], 2)
@@ -391,6 +423,7 @@ def summarize(res: dict, args) -> dict:
         }
     summary["generate_single_in_process_ms"] = res["ceiling"]["single_image"].get("generate_ms")
     summary["server_memory"] = batched["memory"]
+    summary["server_startup_s"] = batched["startup_s"]
     return summary
 
 
@@ -407,24 +440,39 @@ def main() -> None:
     ap.add_argument("--images-per-request", type=int, default=1,
                     help="images per /encode and /decode request (multipart files, grids)")
     ap.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the server")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run a server with TAMING_MAX_BATCH_SIZE=1")
+    ap.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the model in this process before each operation's levels")
+    ap.add_argument("--ready-timeout", type=float, default=120.0,
+                    help="seconds a server may take to turn ready (compilation included)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = ap.parse_args()
-    res = asyncio.run(amain(args))
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
+            "torch": torch.__version__, "args": vars(args)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(res: dict, complete: bool = False) -> None:
+        out.write_text(json.dumps({**res, "meta": {**meta, "complete": complete}}, indent=1))
+
+    res = asyncio.run(amain(args, save))
     res["summary"] = summarize(res, args)
-    res["meta"] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
-                   "torch": torch.__version__, "args": vars(args)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    save(res, complete=True)
     print(f"\n{'op':8s} {'clients':>7s} {'batched/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} "
           f"{'batch':>6s} {'unbatched/s':>11s} {'speedup':>7s} {'ceiling/s':>9s}")
     ceil = res["ceiling"]["images_per_s"]
-    batched, unbatched = res["runs"]
-    for rb, ru in zip(batched["levels"], unbatched["levels"], strict=True):
-        cb = ceil[rb["op"]][min(rb["clients"], args.max_batch_size)]
-        sp = rb["throughput"] / ru["throughput"] if ru["throughput"] else float("nan")
+    batched = res["runs"][0]
+    unbatched = {(r["op"], r["clients"]): r for r in res["runs"][1]["levels"]} \
+        if len(res["runs"]) > 1 else {}
+    nan = float("nan")
+    for rb in batched["levels"]:
+        ru = unbatched.get((rb["op"], rb["clients"]), {}).get("throughput", nan)
+        cb = ceil.get(rb["op"], {}).get(min(rb["clients"], args.max_batch_size), nan)
+        sp = rb["throughput"] / ru if ru else nan
         print(f"{rb['op']:8s} {rb['clients']:7d} {rb['throughput']:10.1f} {rb['p50_ms']:8.2f} "
-              f"{rb['p99_ms']:8.2f} {rb['mean_batch'] or 0:6.1f} {ru['throughput']:11.1f} "
+              f"{rb['p99_ms']:8.2f} {rb['mean_batch'] or 0:6.1f} {ru:11.1f} "
               f"{sp:7.2f} {cb:9.1f}")
     print(json.dumps(res["summary"], indent=1))
 
