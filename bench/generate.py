@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +49,8 @@ class Process:
         self.port, self.ready_path = port, ready_path
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)  # its workers stop with it
         self.startup_s = math.nan
 
     def ready(self, timeout_s: float = 600) -> None:
@@ -82,11 +84,16 @@ class Process:
         return round(total / 1024, 1)
 
     def stop(self) -> None:
-        self.proc.terminate()
+        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        time.sleep(1)
+        try:  # LitServe's model workers outlive a terminated parent
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def ours(compile: bool) -> Process:
