@@ -86,6 +86,14 @@ class Connection:
             self.close()
         return status, data
 
+    async def status(self, method: str, path: str, body: bytes, ctype: str) -> int:
+        """The answer's status, or 0 (and the connection closed) when the connection failed."""
+        try:
+            return (await self.request(method, path, body, ctype))[0]
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            self.close()
+            return 0
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -111,11 +119,7 @@ async def load_level(host: str, port: int, make_request, clients: int, warmup_s:
             while loop.time() < stop:
                 method, path, body, ctype = make_request(rng)
                 a = loop.time()
-                try:
-                    status, _ = await conn.request(method, path, body, ctype)
-                except (ConnectionError, asyncio.IncompleteReadError, OSError):
-                    conn.close()
-                    status = 0
+                status = await conn.status(method, path, body, ctype)
                 b = loop.time()
                 if start <= b <= stop:
                     statuses[status] = statuses.get(status, 0) + 1

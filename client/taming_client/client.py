@@ -112,14 +112,11 @@ class TamingClient(_Base):
                 yield self.generate(model, n, label, seed, temperature, top_k, top_p,
                                     cfg_scale, grid, prefix)
                 return
-            parser = p.SSEParser()
+            events = p.GenerationStream()
             for line in r.iter_lines():
-                event = parser.feed(line)
-                item = p.stream_item(*event) if event else None
-                if item is not None:
-                    yield item
-                    if isinstance(item, Generation):
-                        return
+                yield from events.items(line)
+                if events.done:
+                    return
             raise p.ended_early()
         except httpx.TransportError as e:
             raise p.unreachable(r.url, e) from e
@@ -215,14 +212,12 @@ class AsyncTamingClient(_Base):
                 yield await self.generate(model, n, label, seed, temperature, top_k, top_p,
                                           cfg_scale, grid, prefix)
                 return
-            parser = p.SSEParser()
+            events = p.GenerationStream()
             async for line in r.aiter_lines():
-                event = parser.feed(line)
-                item = p.stream_item(*event) if event else None
-                if item is not None:
+                for item in events.items(line):
                     yield item
-                    if isinstance(item, Generation):
-                        return
+                if events.done:
+                    return
             raise p.ended_early()
         except httpx.TransportError as e:
             raise p.unreachable(r.url, e) from e

@@ -203,6 +203,23 @@ def stream_item(event: str, data: str) -> RowEvent | Generation | None:
     return None
 
 
+class GenerationStream:
+    """POST /generate's event stream, line by line: `items(line)` gives what the client
+    yields for it (nothing, a RowEvent, or the final Generation, after which `done`)."""
+
+    def __init__(self) -> None:
+        self.parser = SSEParser()
+        self.done = False
+
+    def items(self, line: str) -> list[RowEvent | Generation]:
+        event = self.parser.feed(line)
+        item = stream_item(*event) if event else None
+        if item is None:
+            return []
+        self.done = isinstance(item, Generation)
+        return [item]
+
+
 def media_type(response: httpx.Response) -> str:
     return response.headers.get("content-type", "").split(";")[0].strip().lower()
 

@@ -476,26 +476,21 @@ function encodeDrawing() {
 }
 
 el.draw.addEventListener("dragover", (e) => { e.preventDefault(); });
+async function encodeFile(file) {
+  if (!file) return;
+  try {
+    await drawFile(file);
+    await encodeDrawing();
+  } catch (err) {
+    showError(new Error(`cannot read ${file.name}: ${err.message || err}`));
+  }
+}
 el.draw.addEventListener("drop", async (e) => {
   e.preventDefault();
-  const file = e.dataTransfer.files[0];
-  if (!file) return;
-  try {
-    await drawFile(file);
-    await encodeDrawing();
-  } catch (err) {
-    showError(new Error(`cannot read ${file.name}: ${err.message || err}`));
-  }
+  await encodeFile(e.dataTransfer.files[0]);
 });
 el.file.addEventListener("change", async () => {
-  const file = el.file.files[0];
-  if (!file) return;
-  try {
-    await drawFile(file);
-    await encodeDrawing();
-  } catch (err) {
-    showError(new Error(`cannot read ${file.name}: ${err.message || err}`));
-  }
+  await encodeFile(el.file.files[0]);
   el.file.value = "";
 });
 
