@@ -49,14 +49,12 @@ class SamplingBatch:
         return SamplingBatch(**{k: v[start:stop] for k, v in self.__dict__.items()})
 
 
-def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = None,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-               cfg_scale: float = 1.0, prefix: list[int] | None = None,
-               generator: torch.Generator | None = None) -> SamplingBatch:
-    """Validate one request's settings and turn them into n rows. Raises ValueError."""
+def check_settings(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = None,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                   cfg_scale: float = 1.0, prefix: list[int] | None = None) -> None:
+    """Raise ValueError for settings `make_batch` cannot take (no tensor is built)."""
     K = model_cfg.codebook_size
     rows, cols = grid
-    T = rows * cols
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     if not (MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
@@ -73,12 +71,24 @@ def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = 
         raise ValueError(f"unknown class {label}: this model has classes 0..{model_cfg.n_classes - 1}")
     if rows < model_cfg.grid[0] or cols < model_cfg.grid[1]:
         raise ValueError(f"grid {list(grid)} is smaller than the training grid {list(model_cfg.grid)}")
-    pre = torch.full((T,), FREE, dtype=torch.int64)
     if prefix:
-        if len(prefix) > T:
-            raise ValueError(f"prefix has {len(prefix)} tokens, longer than the grid's {T}")
+        if len(prefix) > rows * cols:
+            raise ValueError(f"prefix has {len(prefix)} tokens, longer than the grid's {rows * cols}")
         if not all(0 <= t < K for t in prefix):  # in Python first: huge ints overflow int64
             raise ValueError(f"prefix token ids must lie in [0, {K})")
+
+
+def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = None,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+               cfg_scale: float = 1.0, prefix: list[int] | None = None,
+               generator: torch.Generator | None = None) -> SamplingBatch:
+    """Validate one request's settings and turn them into n rows. Raises ValueError."""
+    check_settings(model_cfg, n, grid, label=label, temperature=temperature, top_k=top_k,
+                   top_p=top_p, cfg_scale=cfg_scale, prefix=prefix)
+    K = model_cfg.codebook_size
+    T = grid[0] * grid[1]
+    pre = torch.full((T,), FREE, dtype=torch.int64)
+    if prefix:
         pre[: len(prefix)] = torch.tensor(prefix, dtype=torch.int64)
     return SamplingBatch(
         class_ids=torch.full((n,), model_cfg.class_token(label), dtype=torch.int64),

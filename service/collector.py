@@ -56,7 +56,7 @@ class Runner(Protocol):
     def run(self, batch: Any, lo: int, hi: int) -> dict[str, np.ndarray]: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)  # a payload can be a large array: no repr by accident
 class Job:
     runner: Runner
     key: tuple
@@ -198,11 +198,9 @@ class Collector:
         if job.timer is not None:
             job.timer.cancel()
         q = self._queues[job.key]
-        try:
+        if job in q.jobs:  # (not remove()'s ValueError: its message is the job's repr)
             q.jobs.remove(job)
-        except ValueError:  # already taken
-            return
-        self._count(q, -job.size)
+            self._count(q, -job.size)
 
     def _expire(self, job: Job) -> None:
         self._reject(job, "deadline", ServiceError(

@@ -34,7 +34,7 @@ from .metrics import Metrics
 log = logging.getLogger("taming.generation")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Ticket:
     """One /generate request in the engine. Lanes touch it under the engine's lock."""
 

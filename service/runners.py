@@ -21,7 +21,9 @@ from .registry import ModelEntry
 
 @dataclass
 class GeneratePayload:
-    first: SamplingBatch  # image 0, built (and validated) by the handler
+    """One /generate request's sampling settings, checked by the handler; the rows are built
+    where they run (a lane, or the collector's thread), off the event loop."""
+
     settings: dict  # make_batch keyword arguments (label, temperature, ..., prefix)
     seed: int  # image i uses seed + i
     n: int
@@ -30,8 +32,6 @@ class GeneratePayload:
 
     def image(self, i: int) -> SamplingBatch:
         """Image i's row, from its own generator: the same tokens alone or in any batch."""
-        if i == 0:
-            return self.first
         g = torch.Generator().manual_seed(self.seed + i)
         return make_batch(self.model_cfg, 1, self.grid, generator=g, **self.settings)
 

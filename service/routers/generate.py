@@ -7,11 +7,10 @@ import secrets
 from functools import partial
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from models.sampling import make_batch
+from models.sampling import check_settings
 
 from ..bodies import body_schema, json_body
 from ..deps import service_of
@@ -113,12 +112,11 @@ def _payload(svc, entry, req: GenerateRequest) -> GeneratePayload:
     try:
         if req.label is not None:
             settings["label"] = entry.class_index(req.label)
-        seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-        first = make_batch(cfg, 1, grid, generator=torch.Generator().manual_seed(seed),
-                           **settings)
+        check_settings(cfg, req.n, grid, **settings)
     except ValueError as e:
         raise invalid(str(e)) from e
-    return GeneratePayload(first, settings, seed, req.n, grid, cfg)
+    seed = secrets.randbelow(2**31) if req.seed is None else req.seed
+    return GeneratePayload(settings, seed, req.n, grid, cfg)
 
 
 def _count(svc, entry, payload: GeneratePayload) -> None:
