@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .gpt import GPT, GPTConfig
+from .sampling import SAMPLING_DEFAULTS
 from .vqvae import VQVAE, VQVAEConfig
 
 CONFIG = "config.json"
@@ -45,6 +46,29 @@ class Bundle:
     @property
     def grid(self) -> tuple[int, int]:
         return self.vqvae.config.grid
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto (cuda:local_rank when CUDA is present, else cpu), cpu, cuda or cuda:N;
+    ValueError for anything else, or for CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"{name!r} is not a device ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name!r}: CUDA is not available on this machine")
+    return dev
+
+
+def sampling_defaults(cfg: dict) -> dict:
+    """The sampler's defaults, overridden by what the checkpoint's config ships."""
+    shipped = cfg.get("sampling_defaults") or {}
+    if not isinstance(shipped, dict):
+        raise CheckpointError(f"{CONFIG}: sampling_defaults is not an object")
+    return {**SAMPLING_DEFAULTS, **{k: v for k, v in shipped.items()
+                                    if k in SAMPLING_DEFAULTS and (v is not None or k == "top_k")}}
 
 
 def read_config(folder: Path) -> dict:

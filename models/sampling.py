@@ -17,6 +17,8 @@ import torch
 from .gpt import GPT
 
 FREE = -1  # prefix value of a cell the sampler must choose
+# what a request that sets nothing gets, unless its checkpoint ships sampling_defaults
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_scale": 1.0}
 # float32 holds the per-row settings: bounds far outside any useful value, inside its range
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
 MAX_CFG_SCALE = 1e3

@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import CONFIG, Bundle, CheckpointError, load_bundle
+from models.checkpoint import (
+    CONFIG,
+    Bundle,
+    CheckpointError,
+    load_bundle,
+    resolve_device,
+    sampling_defaults,
+)
 from models.sampling import make_batch
 from models.vqvae import FrozenTokenizer
 
@@ -21,7 +28,6 @@ from .settings import Settings
 
 log = logging.getLogger("taming.registry")
 
-FALLBACK_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_scale": 1.0}
 
 
 @dataclass
@@ -80,16 +86,11 @@ class ModelEntry:
         raise ValueError(f"unknown class {label!r}: model {self.name!r} has classes {names}")
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def device_of(name: str) -> str:
     try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise CheckpointError(f"TAMING_DEVICE={name!r}: not a device ({e})") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"TAMING_DEVICE={name!r}: CUDA is not available on this machine")
-    return str(dev)
+        return str(resolve_device(name))
+    except ValueError as e:
+        raise CheckpointError(f"TAMING_DEVICE={e}") from e
 
 
 def checkpoint_folders(settings: Settings) -> list[Path]:
@@ -134,7 +135,7 @@ def describe(entry: ModelEntry, settings: Settings) -> dict:
 
 def load_models(settings: Settings) -> dict[str, ModelEntry]:
     """Load and validate every folder; raises CheckpointError with a one-line reason."""
-    device = resolve_device(settings.device)
+    device = device_of(settings.device)
     models: dict[str, ModelEntry] = {}
     for folder in checkpoint_folders(settings):
         bundle = load_bundle(folder, device=device)
@@ -144,12 +145,10 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
         max_img = settings.max_grid * bundle.vqvae.config.downsample
         if max(bundle.vqvae.config.image_size) > max_img:
             log.warning("%s: image size exceeds TAMING_MAX_GRID tokens", folder)
-        defaults = dict(FALLBACK_DEFAULTS)
-        shipped = bundle.config.get("sampling_defaults") or {}
-        if not isinstance(shipped, dict):
-            raise CheckpointError(f"{folder / CONFIG}: sampling_defaults is not an object")
-        defaults.update({k: v for k, v in shipped.items()
-                         if k in FALLBACK_DEFAULTS and (v is not None or k == "top_k")})
+        try:
+            defaults = sampling_defaults(bundle.config)
+        except CheckpointError as e:
+            raise CheckpointError(f"{folder}/{e}") from e
         entry = ModelEntry(name=name, bundle=bundle, device=device, defaults=defaults,
                            tokenizer=frozen_tokenizer(bundle.vqvae))
         if entry.can_generate:

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from models.checkpoint import resolve_device
+
 
 @dataclass
 class Dist:
@@ -37,9 +39,7 @@ def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
 
 
 def pick_device(arg: str, local_rank: int = 0) -> torch.device:
-    if arg == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
+    return resolve_device(arg, local_rank)
 
 
 def seed_everything(seed: int) -> None:

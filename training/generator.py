@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from models.checkpoint import load_bundle, read_config, save_gpt, write_config
 from models.gpt import GPT, GPTConfig
 from models.images import tile, to_uint8
-from models.sampling import SamplingBatch, make_batch
+from models.sampling import SAMPLING_DEFAULTS, SamplingBatch, make_batch
 from models.slots import sample
 
 from .classifier import load_or_train_classifier
@@ -31,8 +31,6 @@ from .common import (
 )
 from .data import Split, augment, load_dataset
 from .evaluation import Reference, add_reference_args, code_usage, tokenizer_report
-
-DEFAULT_SAMPLING = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "cfg_scale": 1.0}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -206,7 +204,7 @@ def train(args: argparse.Namespace) -> Path:
             _save_class_rows(bundle, model, run_dir / f"samples_epoch{epoch + 1:03d}.png", 10,
                              args.seed, settings)
             save_gpt(folder, model, {
-                "sampling_defaults": dict(DEFAULT_SAMPLING, **settings),
+                "sampling_defaults": dict(SAMPLING_DEFAULTS, **settings),
                 "training": dict(read_config(folder).get("training", {}), transformer={
                     "epochs": epoch + 1, "batch_size": args.batch_size, "lr": args.lr,
                     "label_dropout": args.label_dropout, "augment_copies": args.augment,
@@ -231,7 +229,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     data = load_dataset(bundle.config["dataset"])
     clf = load_or_train_classifier(folder, data, device=device, seed=args.seed,
                                    steps=args.classifier_steps, path=args.classifier)
-    settings = dict(bundle.config.get("sampling_defaults") or DEFAULT_SAMPLING)
+    settings = dict(bundle.config.get("sampling_defaults") or SAMPLING_DEFAULTS)
     if args.cfg_scale is not None:
         settings["cfg_scale"] = args.cfg_scale
     for key in ("temperature", "top_k", "top_p"):
