@@ -45,10 +45,11 @@ MODEL = "mnist"
 class Process:
     """A server process on a free port; `ready()` waits for its readiness path."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str, port: int) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str, port: int,
+                 cwd: Path = ROOT) -> None:
         self.port, self.ready_path = port, ready_path
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env},
+        self.proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)  # its workers stop with it
         self.startup_s = math.nan
