@@ -118,7 +118,7 @@ def cmd_util(args: argparse.Namespace) -> None:
                          "utilization": NA, "samples": []})
         return
     proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_QUERY}",
-                             "--format=csv,noheader,nounits", f"-lms={args.interval_ms}"],
+                             "--format=csv,noheader,nounits", "-lms", str(args.interval_ms)],
                             stdout=subprocess.PIPE, text=True)
     samples: list[list[float]] = []
     stop = threading.Event()

@@ -75,17 +75,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    """Median seconds of `repeat` runs after one untimed run."""
-    fn()
+def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeat: int
+          ) -> tuple[float, torch.Tensor]:
+    """Median seconds of `repeat` runs after one untimed run, and the last run's tokens."""
+    out = fn()
     sync(device)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], out
 
 
 def reset_peak(device: torch.device) -> None:
@@ -154,19 +155,20 @@ def main() -> None:
         meta["complete"] = done
         out.write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1))
 
+    eager_tokens: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
         for n in sizes:  # eager first: cheap, and a compile that runs long cannot cost it
             b, row = batches[n], rows[n]
             reset_peak(device)
-            t = timed(lambda b=b: generate(gpt, b), device, repeats(n))
+            t, eager_tokens[n] = timed(lambda b=b: generate(gpt, b), device, repeats(n))
             row.update(eager_images_per_s=round(n / t, 1), eager_ms=round(t * 1e3, 2),
                        eager_peak_mb=peak_mb(device))
             if n in ref_sizes:
-                t_ref = timed(lambda b=b: reference_generate(gpt, b), device, min(3, repeats(n)))
+                t_ref, ref = timed(lambda b=b: reference_generate(gpt, b), device,
+                                   min(3, repeats(n)))
                 row.update(reference_images_per_s=round(n / t_ref, 2),
                            eager_over_reference=round(t_ref / t, 1),
-                           eager_same_as_reference=same_rows(generate(gpt, b),
-                                                             reference_generate(gpt, b)))
+                           eager_same_as_reference=same_rows(eager_tokens[n], ref))
             save()
             print(f"eager batch {n}: {row}", flush=True)
         for n in [] if args.no_compile else sizes:
@@ -177,14 +179,14 @@ def main() -> None:
             reset_peak(device)
             t0 = time.monotonic()
             run = CompiledGenerate(gpt, batches[n])
-            tokens = run()  # compiles (and on CUDA records) this size
+            run()  # compiles (and on CUDA records) this size
             sync(device)
             row["compile_s"] = round(time.monotonic() - t0, 1)
-            t = timed(run, device, repeats(n))
+            t, tokens = timed(run, device, repeats(n))
             row.update(compiled_images_per_s=round(n / t, 1), compiled_ms=round(t * 1e3, 2),
                        compiled_peak_mb=peak_mb(device),
                        compiled_over_eager=round(row["eager_ms"] / (t * 1e3), 2),
-                       compiled_same_as_eager=same_rows(tokens, generate(gpt, batches[n])))
+                       compiled_same_as_eager=same_rows(tokens, eager_tokens[n]))
             save()
             print(f"compiled batch {n}: {row}", flush=True)
     save(done=True)

@@ -395,9 +395,9 @@ async def amain(args, save) -> dict:
             res["runs"][i:] = [run]
             save(res)
 
-        res["runs"].append(await run_server(
+        res["runs"][i:] = [await run_server(
             label, env, makers, ops, clients, args.model, args,
-            measure_ceiling if label == "batched" and args.ceiling else None, partial))
+            measure_ceiling if label == "batched" and args.ceiling else None, partial)]
     return res
 
 
