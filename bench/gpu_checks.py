@@ -217,6 +217,10 @@ def cmd_table(args: argparse.Namespace) -> None:
             lines.append(f"  {path.stem[6:]:<22} (no result)")
             continue
         run = res["runs"][0]
+        if not run["levels"]:
+            why = run.get("error") or "stopped while the server started"
+            lines.append(f"  {path.stem[6:]:<22} no level finished: {why.splitlines()[-1][:80]}")
+            continue
         best = None
         for lv in run["levels"]:
             lv = {**lv, "gpu_util_pct": window_util(util, lv["window"])}

@@ -48,25 +48,37 @@ def batch_of(gpt: GPT, n: int, defaults: dict, seed: int) -> SamplingBatch:
                                          generator=g, **settings) for i in range(n)])
 
 
-class CompiledGenerate:
-    """`generate` over one reused sampler whose step is compiled, as the server's engine runs
-    it (the filtered pick, whatever the settings): admit, then T steps."""
+def rows_of(batch: SamplingBatch) -> int:
+    return len(batch) + int((batch.cfg_scale != 1).sum())
 
-    def __init__(self, gpt: GPT, batch: SamplingBatch) -> None:
-        cfg = gpt.config
-        self.batch, self.null_class, self.T = batch, cfg.null_class, cfg.seq_len
+
+def compiled_sampler(gpt: GPT, rows: int) -> tuple[SlotSampler, Callable[[int], None]]:
+    sampler = SlotSampler(gpt, rows)
+    return sampler, compiled_steps(sampler)
+
+
+class CompiledGenerate:
+    """`generate` over a reused sampler whose step is compiled, run the way the server's
+    engine runs a lane: the images in rows [0, rows), the step at the smallest padded size
+    that holds them, always the filtered pick. Admit, then T steps."""
+
+    def __init__(self, sampler: SlotSampler, step: Callable[[int], None],
+                 batch: SamplingBatch) -> None:
+        cfg = sampler.gpt.config
+        self.sampler, self.step, self.batch = sampler, step, batch
+        self.null_class, self.T = cfg.null_class, cfg.seq_len
         guided = (batch.cfg_scale != 1).tolist()
-        self.sampler = SlotSampler(gpt, len(batch) + sum(guided))
-        spare = iter(range(len(batch), self.sampler.capacity))
+        spare = iter(range(len(batch), rows_of(batch)))
         self.cond = list(range(len(batch)))
         self.uncond = [next(spare) if g else None for g in guided]
-        self.step = compiled_steps(self.sampler)
+        self.size = next(s for s in sampler.sizes if s >= rows_of(batch))
 
+    @torch.inference_mode()
     def __call__(self) -> torch.Tensor:
         s = self.sampler
         s.admit(self.cond, self.uncond, self.batch, self.null_class)
         for _ in range(self.T):
-            self.step(s.capacity)
+            self.step(self.size)
         return s.out[:len(self.batch)].clone()
 
 
@@ -115,6 +127,9 @@ def main() -> None:
     ap.add_argument("--reference-sizes", default="1,8",
                     help="the reference re-forwards every prefix: small sizes only ('' for none)")
     ap.add_argument("--no-compile", action="store_true", help="eager and reference only")
+    ap.add_argument("--slots", type=int, default=0, help=(
+        "compiled: one sampler of 2 x SLOTS rows for every batch, stepped at padded sizes (the "
+        "server's lane at TAMING_GENERATE_SLOTS); 0: a sampler of the batch's own rows each"))
     ap.add_argument("--repeat", type=int, default=0,
                     help="timed runs per size (0: 5 up to batch 64, 3 above)")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
@@ -139,7 +154,9 @@ def main() -> None:
             "sampling": defaults, "compile_mode": mode,
             "eager_pick_filtered": filtering(batches[sizes[0]].top_k, batches[sizes[0]].top_p,
                                              cfg.codebook_size) if sizes else None,
-            "compiled_pick_filtered": True, "grid": list(cfg.grid),
+            "compiled_pick_filtered": True,
+            "compiled_sampler_rows": 2 * args.slots if args.slots else "each batch's own",
+            "grid": list(cfg.grid),
             "d_model": cfg.d_model, "n_layer": cfg.n_layer,
             "peak_memory": "cuda max_memory_allocated" if device.type == "cuda"
                            else "process peak RSS (monotone over the run)"}
@@ -171,24 +188,32 @@ def main() -> None:
                            eager_same_as_reference=same_rows(eager_tokens[n], ref))
             save()
             print(f"eager batch {n}: {row}", flush=True)
-        for n in [] if args.no_compile else sizes:
-            row = rows[n]
-            if time.monotonic() - t_start > args.budget_s:
-                row["compiled_skipped"] = f"budget of {args.budget_s:g} s spent"
-                continue
-            reset_peak(device)
-            t0 = time.monotonic()
-            run = CompiledGenerate(gpt, batches[n])
-            run()  # compiles (and on CUDA records) this size
-            sync(device)
-            row["compile_s"] = round(time.monotonic() - t0, 1)
-            t, tokens = timed(run, device, repeats(n))
-            row.update(compiled_images_per_s=round(n / t, 1), compiled_ms=round(t * 1e3, 2),
-                       compiled_peak_mb=peak_mb(device),
-                       compiled_over_eager=round(row["eager_ms"] / (t * 1e3), 2),
-                       compiled_same_as_eager=same_rows(tokens, eager_tokens[n]))
-            save()
-            print(f"compiled batch {n}: {row}", flush=True)
+    # the compiled samplers are made outside inference mode, as the engine makes its lanes'
+    shared = None
+    if args.slots and not args.no_compile:
+        if 2 * args.slots < max(rows_of(b) for b in batches.values()):
+            sys.exit(f"--slots {args.slots} is too few for batch {max(sizes)} at these settings")
+        shared = compiled_sampler(gpt, 2 * args.slots)
+    for n in [] if args.no_compile else sizes:
+        row = rows[n]
+        if time.monotonic() - t_start > args.budget_s:
+            row["compiled_skipped"] = f"budget of {args.budget_s:g} s spent"
+            continue
+        reset_peak(device)
+        t0 = time.monotonic()
+        run = CompiledGenerate(*(shared or compiled_sampler(gpt, rows_of(batches[n]))),
+                               batches[n])
+        row["compiled_rows"] = run.size
+        run()  # compiles (and on CUDA records) this size
+        sync(device)
+        row["compile_s"] = round(time.monotonic() - t0, 1)
+        t, tokens = timed(run, device, repeats(n))
+        row.update(compiled_images_per_s=round(n / t, 1), compiled_ms=round(t * 1e3, 2),
+                   compiled_peak_mb=peak_mb(device),
+                   compiled_over_eager=round(row["eager_ms"] / (t * 1e3), 2),
+                   compiled_same_as_eager=same_rows(tokens, eager_tokens[n]))
+        save()
+        print(f"compiled batch {n}: {row}", flush=True)
     save(done=True)
     print(json.dumps(meta))
     print(f"{'batch':>6} {'eager img/s':>11} {'compiled img/s':>14} {'x':>6} {'ref img/s':>9} "

@@ -259,8 +259,16 @@ async def run_server(label: str, env: dict[str, str], makers: dict, ops: list[st
     server = Server(env)
     rows: list[dict] = []
     run = {"label": label, "env": env, "levels": rows, "startup_s": None, "memory": None}
+    if on_level is not None:
+        on_level(run)  # a run stopped during start-up still leaves its file
     try:
-        await server.wait_ready(args.ready_timeout)
+        try:
+            await server.wait_ready(args.ready_timeout)
+        except RuntimeError as e:
+            run["error"] = str(e)[-2000:]
+            if on_level is not None:
+                on_level(run)
+            raise
         run["startup_s"] = server.startup_s
         for op in ops:
             if before_op is not None:
