@@ -6,12 +6,14 @@ so a guided image takes two rows). Eager is `generate` as the library runs it; c
 the same sampler stepped by `compiled_steps` (on CUDA torch.compile with CUDA graphs, mode
 reduce-overhead; on CPU a frozen TorchScript trace), reused across calls and always taking
 the filtered pick, the way the server's engine runs its slots (eager `generate` skips the
-sort when no row filters, as at these defaults). Each size runs once untimed first
-(compilation, graph capture); peak memory is the device's peak allocation on CUDA, the
-process's peak RSS on CPU.
+sort when no row filters, as at these defaults). With --slots the compiled step runs one
+sampler of 2 x slots rows, each batch at the smallest padded size that holds it: the server's
+lane. Each size runs once untimed first (compilation, graph capture); peak memory is the
+device's peak allocation on CUDA, the process's peak RSS on CPU.
 
     python bench/sampler.py [--checkpoint checkpoints/mnist] [--device cpu|cuda]
-        [--batch-sizes 1,8,64,256] [--reference-sizes 1,8] [--no-compile] [--budget-s S]
+        [--batch-sizes 1,8,64,256] [--reference-sizes 1,8] [--slots 256] [--no-compile]
+        [--repeat N] [--budget-s S]
 
 Writes JSON (bench/results/sampler.json) after every measurement, so a run cut short keeps
 what it measured; prints a table at the end. Not a test.
