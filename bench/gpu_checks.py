@@ -200,6 +200,10 @@ def cmd_table(args: argparse.Namespace) -> None:
                      f"{fmt(r.get('eager_peak_mb'), '.0f'):>9} "
                      f"{fmt(r.get('compiled_peak_mb'), '.0f'):>11} {fmt(r.get('compile_s'), '.1f'):>9}")
 
+    counts = ((sampler or {}).get("meta") or {}).get("compile_counters")
+    if counts:
+        lines.append("  torch.compile: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
     tok = load(d / "tokenizer.json")
     lines.append(f"-- tokenizer, frozen vs eager on {fmt((tok or {}).get('device'))}")
     lines.append(f"  {'batch':>6} {'decode max |diff|':>17} {'pixels equal':>12} {'token agreement':>15}")

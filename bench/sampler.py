@@ -216,6 +216,15 @@ def main() -> None:
                    compiled_same_as_eager=same_rows(tokens, eager_tokens[n]))
         save()
         print(f"compiled batch {n}: {row}", flush=True)
+    if device.type == "cuda" and not args.no_compile:
+        # graphs torch.compile built, and whether inductor fell back from CUDA graphs (a
+        # skip means the step ran as separate kernel launches)
+        from torch._dynamo.utils import counters
+        meta["compile_counters"] = {
+            "unique_graphs": counters["stats"]["unique_graphs"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            "cudagraph_recorded_non_static_inputs":
+                counters["inductor"]["cudagraph_recorded_non_static_inputs"]}
     save(done=True)
     print(json.dumps(meta))
     print(f"{'batch':>6} {'eager img/s':>11} {'compiled img/s':>14} {'x':>6} {'ref img/s':>9} "
