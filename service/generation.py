@@ -94,9 +94,12 @@ class Lane:
             e.on_thread()
         with torch.inference_mode():
             compiled = compiled_steps(self.sampler) if e.compile else None
+            # CUDA graphs: a first call warms up, the second records the graph
+            calls = 3 if self.sampler.out.device.type == "cuda" else 1
             for size in self.sampler.sizes:
                 if compiled is not None and time.monotonic() < e.compile_deadline:
-                    compiled(size)
+                    for _ in range(calls):
+                        compiled(size)
                     self.steps[size] = compiled
                 else:
                     self.sampler(size)
