@@ -29,9 +29,12 @@ from .sampling import FREE, SamplingBatch, choose, filtering, generate_sliding
 STEP_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-def padded_sizes(capacity: int) -> tuple[int, ...]:
-    """The row counts a sampler of `capacity` rows runs at: powers of two from 8, then capacity."""
-    sizes = tuple(s for s in STEP_SIZES if s < capacity)
+def padded_sizes(capacity: int, linear: bool = False) -> tuple[int, ...]:
+    """The row counts a sampler of `capacity` rows runs at, then capacity itself: powers of
+    two from 8, or with `linear` every multiple of 8 (on CPU a step costs about what its
+    rows cost, so padding 33 rows to 64 would double it; on a GPU it costs about the same
+    at any size, and each size is a graph to compile)."""
+    sizes = range(8, capacity, 8) if linear else (s for s in STEP_SIZES if s < capacity)
     return (*sizes, capacity)
 
 
@@ -65,7 +68,7 @@ class SlotSampler:
         dev, T, K = p.device, cfg.seq_len, cfg.codebook_size
         self.gpt = gpt
         self.capacity = capacity
-        self.sizes = padded_sizes(capacity)
+        self.sizes = padded_sizes(capacity, linear=dev.type == "cpu")
         cache = (capacity, cfg.n_head, T, cfg.d_model // cfg.n_head)
         rows = torch.arange(capacity, device=dev)
 
@@ -112,6 +115,23 @@ class SlotSampler:
             st.owner[u] = c
             st.token[u] = null_class
             st.pos[u] = 0
+
+    @torch.no_grad()
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Rows src[i] continue in rows dst[i] (free ones): cache, settings and position go
+        along, and guidance pairs are re-linked. Keeps occupied rows low, so steps run at
+        the smallest padded size that holds them."""
+        st = self.state
+        dev = st.pos.device
+        s = torch.tensor(src, dtype=torch.int64, device=dev)
+        d = torch.tensor(dst, dtype=torch.int64, device=dev)
+        for t in (*st.cache_k, *st.cache_v, *st[3:]):
+            t[d] = t[s]
+        where = torch.arange(self.capacity, device=dev)
+        where[s] = d  # old row -> new row, wherever a guidance pair points at a moved row
+        st.partner.copy_(where[st.partner])
+        st.owner.copy_(where[st.owner])
+        self.release(src)
 
     @torch.no_grad()
     def release(self, rows: list[int]) -> None:

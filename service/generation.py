@@ -147,10 +147,27 @@ class Lane:
                 self.engine.null_class)
         self.active.extend(joined)
 
+    def _compact(self) -> int:
+        """The padded size to step at, after moving rows above the smallest size that holds
+        all occupied rows into free rows below it."""
+        sizes = self.sampler.sizes
+        used = sum(len(im.rows) for im in self.active)
+        size = next(s for s in sizes if s >= used)
+        high = [(im, r) for im in self.active for r in im.rows if r >= size]
+        if high:
+            low = [r for r in self.free if r < size][: len(high)]
+            self.sampler.move([r for _, r in high], low)
+            for (im, old), new in zip(high, low, strict=True):
+                if im.cond == old:
+                    im.cond = new
+                else:
+                    im.uncond = new
+            self.free = sorted(set(self.free) - set(low) | {r for _, r in high})
+        return size
+
     def _step(self) -> None:
         e = self.engine
-        top = max(max(im.rows) for im in self.active) + 1
-        size = next(s for s in self.sampler.sizes if s >= top)
+        size = self._compact()
         t0 = time.perf_counter()
         # always the filtered pick: with top-k and top-p off it keeps every code, and one
         # graph per size is half the start-up compilation

@@ -13,9 +13,11 @@ from models.sampling import SamplingBatch, make_batch, reference_generate
 from models.slots import SlotSampler, compiled_steps, padded_sizes
 
 
-def staggered(sampler: SlotSampler, batch: SamplingBatch, seed: int, step=None) -> torch.Tensor:
+def staggered(sampler: SlotSampler, batch: SamplingBatch, seed: int, step=None,
+              move: bool = False) -> torch.Tensor:
     """Admit the images of `batch` a few at a time at random steps into random free rows,
-    step every occupied size, and collect each image's codes when it leaves."""
+    step every occupied size (moving rows between steps if asked), and collect each image's
+    codes when it leaves."""
     rng = random.Random(seed)
     cfg = sampler.gpt.config
     T = cfg.seq_len
@@ -38,6 +40,13 @@ def staggered(sampler: SlotSampler, batch: SamplingBatch, seed: int, step=None) 
             u = free.pop(rng.randrange(len(free))) if guided else None
             sampler.admit([c], [u], row, cfg.null_class)
             active[i] = (t, c, u)
+        if move and active and free and rng.random() < 0.3:  # a row moves to a free one
+            i, (start, c, u) = rng.choice(sorted(active.items()))
+            which = rng.choice([0, 1] if u is not None else [0])
+            old, new = (c, u)[which], free.pop(rng.randrange(len(free)))
+            sampler.move([old], [new])
+            free.append(old)
+            active[i] = (start, new, u) if which == 0 else (start, c, new)
         if active:
             top = max(r for _, c, u in active.values() for r in (c, u) if r is not None) + 1
             size = next(s for s in sampler.sizes if s >= top)
@@ -62,6 +71,15 @@ def test_images_joining_at_any_step_get_the_reference_tokens(seed, window):
     assert torch.equal(got, reference_generate(m, batch))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_that_move_between_steps_keep_their_tokens(seed):
+    """Compaction moves a row (its cache, settings and guidance pairing) to a free one."""
+    m = tiny((2, 3))
+    batch = mixed_batch(m, seed, sizes=(3, 2, 3))
+    got = staggered(SlotSampler(m, 14), batch, seed, move=True)
+    assert torch.equal(got, reference_generate(m, batch))
+
+
 def test_unfiltered_step_skips_the_sort_and_picks_the_same_codes():
     m = tiny()
     g = torch.Generator().manual_seed(3)
@@ -81,6 +99,8 @@ def test_padded_sizes():
     assert padded_sizes(128) == (8, 16, 32, 64, 128)
     assert padded_sizes(100) == (8, 16, 32, 64, 100)
     assert padded_sizes(2) == (2,)
+    assert padded_sizes(64, linear=True) == (8, 16, 24, 32, 40, 48, 56, 64)
+    assert padded_sizes(20, linear=True) == (8, 16, 20)
 
 
 def test_compiled_step_picks_the_eager_steps_tokens():
