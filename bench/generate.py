@@ -139,6 +139,9 @@ async def open_loop(p: Process, rate: float, duration: float, seed: int = 0) -> 
         method, path, body, ctype = make(rng)
         a = loop.time()
         status = await conn.status(method, path, body, ctype)
+        if status == 0:  # the server closed an idle keep-alive connection: a new one
+            conn = Connection("127.0.0.1", p.port)
+            status = await conn.status(method, path, body, ctype)
         if status != 200:
             failed += 1
         if status:
