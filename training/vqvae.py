@@ -68,6 +68,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", default=None,
                    help="start from this checkpoint folder's tokenizer (its architecture replaces the "
                         "--widths/--codebook-size/... arguments): a trained VQ-VAE as the warm-up")
+    g.add_argument("--train-decoder-only", action="store_true",
+                   help="with --init: freeze the encoder and the codebook, so the token grids (and a "
+                        "transformer trained on them) stay valid; only the decoder learns")
 
 
 def _save_recon_png(model: VQVAE, x: torch.Tensor, path: Path) -> None:
@@ -127,9 +130,14 @@ def train(args: argparse.Namespace) -> Path:
             codebook_size=args.codebook_size, code_dim=args.code_dim, quantizer=args.quantizer,
             beta=args.beta)
         model = VQVAE(cfg).to(device)
+    if args.train_decoder_only:
+        if not args.init:
+            raise SystemExit("--train-decoder-only needs --init: a trained encoder and codebook to keep")
+        for part in (model.encoder, model.quantizer):
+            part.requires_grad_(False)
     # the GAN's Adam betas (as in the paper) in VQGAN mode, the defaults otherwise
     betas = (0.5, 0.9) if vqgan else (0.9, 0.999)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=betas)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=betas)
     steps_per_epoch = math.ceil(len(train_x) // d.world / args.batch_size)
     total = max(1, steps_per_epoch * args.epochs)
 
@@ -172,6 +180,9 @@ def train(args: argparse.Namespace) -> Path:
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
         model.train()
+        if args.train_decoder_only:  # eval mode: no EMA updates or restarts of the frozen codebook
+            model.encoder.eval()
+            model.quantizer.eval()
         t0 = time.time()
         sums: dict[str, float] = {}
         bar = progress(batches(len(train_x), args.batch_size, d, g), d.main,
@@ -220,7 +231,8 @@ def train(args: argparse.Namespace) -> Path:
             info = {"epochs": epoch + 1, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                     "world_size": d.world, "train_images": len(train_x), "device": str(device)}
             if args.init:
-                info["init"] = {"from": args.init, "training": init_training}
+                info["init"] = {"from": args.init, "training": init_training,
+                                "trained": "decoder only" if args.train_decoder_only else "all"}
             if vqgan:
                 info.update(loss="vqgan", perceptual_weight=args.perceptual_weight,
                             perceptual_net=feature_path, disc_start=args.disc_start,
