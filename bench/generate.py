@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,8 +50,10 @@ class Process:
                  cwd: Path = ROOT) -> None:
         self.port, self.ready_path = port, ready_path
         self.t0 = time.monotonic()
+        # logs to a file: a pipe nobody reads fills up and then blocks the server
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **env},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=self.log,
                                      start_new_session=True)  # its workers stop with it
         self.startup_s = math.nan
 
@@ -58,7 +61,8 @@ class Process:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode()[-3000:])
+                self.log.seek(0)
+                raise RuntimeError(self.log.read().decode()[-3000:])
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}{self.ready_path}",
                              timeout=2).status_code == 200:
@@ -193,6 +197,7 @@ async def main() -> None:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--peer-only", action="store_true", help="just the comparison with the peer")
     args = ap.parse_args()
     d = args.duration
     out: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -204,6 +209,21 @@ async def main() -> None:
     out["startup"] = {"compiled_s": round(compiled.startup_s, 1),
                       "rss_mb_after_warmup": compiled.rss_mb()}
     print("start-up", out["startup"], flush=True)
+    if not args.peer_only:
+        await engine_figures(compiled, out, d, args.rounds)
+    if not args.skip_peer:
+        out["peer"] = await peer_figures(compiled, d, args.rounds)
+    compiled.stop()
+
+    print(json.dumps({k: v for k, v in out.items() if k not in ("peer",)}, indent=1))
+    dest = ROOT / "bench" / "results"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / ("generate_peer.json" if args.peer_only else "generate.json")).write_text(
+        json.dumps(out, indent=1))
+
+
+async def engine_figures(compiled: Process, out: dict, d: float, rounds: int) -> None:
+    """One client, first row, 64 clients compiled vs eager, open loop at 60%."""
     eager = ours(compile=False)
     eager.ready()
     out["startup"]["eager_s"] = round(eager.startup_s, 1)
@@ -214,7 +234,7 @@ async def main() -> None:
     print("one client", one, out["first_row"], flush=True)
 
     runs = {"compiled": [], "eager": []}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, p in (("compiled", compiled), ("eager", eager)):
             runs[name].append(await level(p, "/generate", 64, d))
             print(name, runs[name][-1], flush=True)
@@ -232,28 +252,26 @@ async def main() -> None:
     print("open loop", ol, flush=True)
     out["rss_mb_after_load"] = compiled.rss_mb()
 
-    if not args.skip_peer:
-        lit = peer()
-        lit.ready()
-        table = {}
+
+async def peer_figures(compiled: Process, d: float, rounds: int) -> dict:
+    """Both servers at 1, 16 and 64 clients, interleaved."""
+    lit = peer()
+    lit.ready()
+    table: dict = {}
+    try:
         for c in (1, 16, 64):
             table[c] = {"ours": [], "peer": []}
-            for _ in range(args.rounds):
+            for _ in range(rounds):
                 table[c]["ours"].append(await level(compiled, "/generate", c, d))
                 table[c]["peer"].append(await level(lit, "/predict", c, d))
-            o = sum(r["throughput"] for r in table[c]["ours"]) / args.rounds
-            q = sum(r["throughput"] for r in table[c]["peer"]) / args.rounds
-            table[c]["ratio"] = round(o / q, 2)
+            o = sum(r["throughput"] for r in table[c]["ours"]) / rounds
+            q = sum(r["throughput"] for r in table[c]["peer"]) / rounds
+            table[c]["ratio"] = round(o / q, 2) if q else None
             print("peer", c, "ours", round(o, 1), "peer", round(q, 1), "ratio", table[c]["ratio"],
                   flush=True)
-        out["peer"] = table
+    finally:
         lit.stop()
-    compiled.stop()
-
-    print(json.dumps({k: v for k, v in out.items() if k not in ("peer",)}, indent=1))
-    dest = ROOT / "bench" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "generate.json").write_text(json.dumps(out, indent=1))
+    return table
 
 
 if __name__ == "__main__":
