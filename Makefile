@@ -49,16 +49,18 @@ data/mnist_5k.csv.gz: | $(VENV)/.installed
 data: data/mnist_5k.csv.gz /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 test: install data /usr/bin/prometheus /usr/bin/chromium
-	$(PY) -m ruff check models training service tests bench
+	$(PY) -m ruff check models training service tests bench client
 	$(PY) -m pytest -q
 
 serve: $(VENV)/.serve
 	HOST=$(HOST) PORT=$(PORT) $(PY) -m service
 
 lint: install
-	$(PY) -m ruff check models training service tests bench
+	$(PY) -m ruff check models training service tests bench client
 
 bench: install data
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) bench/generate.py
 	$(PY) bench/sampler.py
 	$(PY) bench/serve.py
 	$(PY) bench/overload.py
