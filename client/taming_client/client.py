@@ -32,10 +32,13 @@ def _images(body: dict[str, Any]) -> list[Image.Image]:
 
 
 class _Base:
-    def __init__(self, base_url: str, api_key: str | None, retry_budget: float) -> None:
+    def __init__(self, http: type, base_url: str, api_key: str | None, timeout: float,
+                 retry_budget: float, transport: Any) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.retry_budget = retry_budget
+        self._http = http(base_url=self.base_url, timeout=timeout, headers=_headers(api_key),
+                          transport=transport)
 
 
 class TamingClient(_Base):
@@ -49,9 +52,7 @@ class TamingClient(_Base):
     def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None,
                  timeout: float = 60.0, *, retry_budget: float = 30.0,
                  transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(base_url, api_key, retry_budget)
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout,
-                                  headers=_headers(api_key), transport=transport)
+        super().__init__(httpx.Client, base_url, api_key, timeout, retry_budget, transport)
 
     def __enter__(self) -> TamingClient:
         return self
@@ -151,9 +152,7 @@ class AsyncTamingClient(_Base):
     def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None,
                  timeout: float = 60.0, *, retry_budget: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(base_url, api_key, retry_budget)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
-                                       headers=_headers(api_key), transport=transport)
+        super().__init__(httpx.AsyncClient, base_url, api_key, timeout, retry_budget, transport)
 
     async def __aenter__(self) -> AsyncTamingClient:
         return self
