@@ -174,6 +174,27 @@ def test_vqgan_cli_trains_resumes_and_ships_no_discriminator(root, tmp_path):
 
 
 @pytest.mark.slow
+def test_decoder_only_carries_the_transformer_along(root, tmp_path):
+    """The shipped MNIST tokenizer, decoder fine-tuned: the folder serves with the shipped transformer."""
+    rd = tmp_path / "run"
+    out = run(root, "perceptual", "--dataset", "mnist", "--out", str(rd / "p.safetensors"), "--epochs", "1",
+              "--limit", "128")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["train_images"] == 128
+    out = run(root, "vqvae", "--dataset", "mnist", "--out", str(tmp_path / "ck"), "--run-dir", str(rd),
+              "--limit", "128", "--epochs", "1", "--init", str(root / "checkpoints" / "mnist"),
+              "--train-decoder-only", "--perceptual", str(rd / "p.safetensors"), *TINY_GAN)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shipped = load_bundle(root / "checkpoints" / "mnist")
+    tuned = load_bundle(tmp_path / "ck", require_gpt=True)
+    assert torch.equal(tuned.gpt.tok_emb.weight, shipped.gpt.tok_emb.weight)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["sampling_defaults"] == shipped.config["sampling_defaults"]
+    assert cfg["training"]["transformer"]["carried_from"] == str(root / "checkpoints" / "mnist")
+    assert cfg["training"]["vqvae"]["init"]["trained"] == "decoder only"
+
+
+@pytest.mark.slow
 def test_vqgan_torchrun_two_processes_gloo(root, tmp_path):
     ck = tmp_path / "ddp"
     out = run(root, "vqvae", "--dataset", "mnist", "--out", str(ck), "--run-dir", str(tmp_path / "r"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.checkpoint import load_bundle, read_config, save_vqvae, write_config
+from models.checkpoint import GPT_FILE, load_bundle, read_config, save_vqvae, write_config
 from models.images import tile, to_uint8
 from models.vqvae import VQVAE, VQVAEConfig
 
@@ -69,8 +70,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="start from this checkpoint folder's tokenizer (its architecture replaces the "
                         "--widths/--codebook-size/... arguments): a trained VQ-VAE as the warm-up")
     g.add_argument("--train-decoder-only", action="store_true",
-                   help="with --init: freeze the encoder and the codebook, so the token grids (and a "
-                        "transformer trained on them) stay valid; only the decoder learns")
+                   help="with --init: freeze the encoder and the codebook, so the token grids stay "
+                        "valid; only the decoder learns, and the init's transformer is copied along")
 
 
 def _save_recon_png(model: VQVAE, x: torch.Tensor, path: Path) -> None:
@@ -101,6 +102,24 @@ def _perceptual_net(args: argparse.Namespace, data, run_dir: Path, d, device) ->
     if d.world > 1:
         torch.distributed.barrier()
     return load_perceptual(path).to(device), str(path)
+
+
+def carry_transformer(init: Path, out: Path) -> bool:
+    """Copy a transformer and its sampling defaults from `init` into `out`, whose tokenizer shares
+    init's encoder and codebook (--train-decoder-only): the token grids it learned are unchanged."""
+    src = read_config(init)
+    if "transformer" not in src:
+        return False
+    shutil.copyfile(Path(init) / GPT_FILE, Path(out) / GPT_FILE)
+    cfg = read_config(out)
+    cfg["transformer"] = src["transformer"]
+    if "sampling_defaults" in src:
+        cfg["sampling_defaults"] = src["sampling_defaults"]
+    if "transformer" in src.get("training", {}):
+        carried = dict(src["training"]["transformer"], carried_from=str(init))
+        cfg.setdefault("training", {})["transformer"] = carried
+    write_config(out, cfg)
+    return True
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -241,6 +260,8 @@ def train(args: argparse.Namespace) -> Path:
             # the serving checkpoint: the tokenizer only (the discriminator stays in the state file)
             save_vqvae(out, model, {"name": out.name, "dataset": args.dataset, "classes": data.classes,
                                     "training": {"vqvae": info}})
+            if args.train_decoder_only:
+                carry_transformer(Path(args.init), out)
             print(json.dumps({"epoch": epoch + 1, "step": step, **means,
                               "test_psnr_1k": round(_psnr(model, monitor), 3),
                               "seconds": round(time.time() - t0, 1)}), flush=True)
