@@ -46,15 +46,15 @@ RUN pip install ".[serve]" \
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 
 ARG TORCH_VARIANT=cpu
-# The server torch.compiles its generation step at start-up (TAMING_COMPILE), and each device
-# needs its own compiler for that: on CPU, inductor writes C++ kernels (OpenMP) and builds them
-# with g++; on CUDA it emits Triton kernels, and Triton builds its CUDA driver module (C that
-# includes Python.h and links the host's libcuda, so it cannot be built ahead here) with the
-# system C compiler, gcc. Python's headers come with the base image.
-RUN if [ "$TORCH_VARIANT" = cpu ]; then compiler="g++"; else compiler="gcc libc6-dev"; fi \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends $compiler \
-    && rm -rf /var/lib/apt/lists/*
+# The generation step is built at start-up (TAMING_COMPILE). On CPU it is a frozen TorchScript
+# trace: no compiler. On CUDA torch.compile emits Triton kernels, and Triton builds its CUDA
+# driver module (C that includes Python.h and links the host's libcuda, so it cannot be built
+# ahead here) with the system C compiler, gcc. Python's headers come with the base image.
+RUN if [ "$TORCH_VARIANT" != cpu ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 LABEL org.opencontainers.image.title="taming-server" \
       org.opencontainers.image.description="Taming Transformers (VQ-VAE + sliding-window GPT) as a batched HTTP service" \
       org.opencontainers.image.licenses="MIT" \
