@@ -146,6 +146,7 @@ class Lane:
                 batches[0] if len(batches) == 1 else SamplingBatch.cat(batches),
                 self.engine.null_class)
         self.active.extend(joined)
+        self._count_active()
 
     def _compact(self) -> int:
         """The padded size to step at, after moving rows above the smallest size that holds
@@ -187,20 +188,25 @@ class Lane:
             host = out[wanted].cpu().numpy() if out.device.type != "cpu" else out[wanted].numpy()
             at = {r: host[i] for i, r in enumerate(wanted)}
         dt = time.perf_counter() - t0
-        e._observe_step(size, dt, len(self.active))
-        if rows_done or finished:
-            e._deliver(self, [(im, at[im.cond]) for im in rows_done],
-                       [(im, at[im.cond]) for im in finished])
-        if finished:
+        m = e.metrics
+        m.step_duration.labels(e.name, str(size)).observe(dt)
+        m.batch_size.labels("generate", e.name).observe(len(self.active))
+        if finished:  # their rows are free before anyone hears they are done
             done = set(map(id, finished))
             self.active = [im for im in self.active if id(im) not in done]
             self._release(finished)
+        if rows_done or finished:
+            e._deliver(self, [(im, at[im.cond]) for im in rows_done],
+                       [(im, at[im.cond]) for im in finished])
 
     def _release(self, images: list[_Image]) -> None:
         rows = [r for im in images for r in im.rows]
         self.sampler.release(rows)
         self.free.extend(rows)
         self.free.sort()
+        self._count_active()
+
+    def _count_active(self) -> None:
         e = self.engine
         e.metrics.slots_active.labels(e.name).set(sum(len(lane.active) for lane in e.lanes))
 
@@ -355,12 +361,6 @@ class GenerationEngine:
             if joined:
                 self.metrics.queue_depth.labels("generate", self.name).dec(len(joined))
             return joined
-
-    def _observe_step(self, size: int, seconds: float, images: int) -> None:
-        m = self.metrics
-        m.step_duration.labels(self.name, str(size)).observe(seconds)
-        m.batch_size.labels("generate", self.name).observe(images)
-        m.slots_active.labels(self.name).set(sum(len(lane.active) for lane in self.lanes))
 
     def _deliver(self, lane: Lane, rows: list[tuple[_Image, np.ndarray]],
                  finished: list[tuple[_Image, np.ndarray]]) -> None:
