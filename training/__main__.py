@@ -12,33 +12,25 @@ from .data import DatasetError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("vqvae", help="train the tokenizer: VQ-VAE, or VQGAN with --loss vqgan")
-    vqvae.add_args(p)
-    p = sub.add_parser("perceptual", help="train the feature net of the VQGAN's perceptual loss")
-    perceptual.add_args(p)
-    p = sub.add_parser("classifier", help="train the evaluation classifier (class accuracy, domain FID)")
-    classifier.add_args(p)
-    p = sub.add_parser("evaluate-vqvae", help="held-out PSNR/usage/perplexity; domain FID of "
-                                              "reconstructions of training images")
-    vqvae.add_eval_args(p)
-    p = sub.add_parser("transformer", help="train the class-conditional transformer")
-    generator.add_args(p)
-    p = sub.add_parser("evaluate-generator", help="class accuracy and domain FID of samples")
-    generator.add_eval_args(p)
+    commands = {  # name: (help, add its arguments, run it)
+        "vqvae": ("train the tokenizer: VQ-VAE, or VQGAN with --loss vqgan",
+                  vqvae.add_args, vqvae.train),
+        "perceptual": ("train the feature net of the VQGAN's perceptual loss",
+                       perceptual.add_args, perceptual.main),
+        "classifier": ("train the evaluation classifier (class accuracy, domain FID)",
+                       classifier.add_args, classifier.main),
+        "evaluate-vqvae": ("held-out PSNR/usage/perplexity; domain FID of reconstructions of "
+                           "training images", vqvae.add_eval_args, vqvae.evaluate),
+        "transformer": ("train the class-conditional transformer",
+                        generator.add_args, generator.train),
+        "evaluate-generator": ("class accuracy and domain FID of samples",
+                               generator.add_eval_args, generator.evaluate),
+    }
+    for name, (help_text, add_args, _) in commands.items():
+        add_args(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
     try:
-        if args.command == "vqvae":
-            vqvae.train(args)
-        elif args.command == "perceptual":
-            perceptual.main(args)
-        elif args.command == "classifier":
-            classifier.main(args)
-        elif args.command == "evaluate-vqvae":
-            vqvae.evaluate(args)
-        elif args.command == "transformer":
-            generator.train(args)
-        elif args.command == "evaluate-generator":
-            generator.evaluate(args)
+        commands[args.command][2](args)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -56,15 +57,6 @@ def all_mean(value: float, d: Dist, device: torch.device) -> float:
     return float(t) / d.world
 
 
-def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
-    """Resumable training state in safetensors (no pickle): weights, optimizer tensors, JSON meta."""
-    save_states(path, {"model": model}, {"opt": opt}, meta)
-
-
-def load_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    return load_states(path, {"model": model}, {"opt": opt})
-
-
 def save_states(path: Path, modules: dict[str, torch.nn.Module],
                 optimizers: dict[str, torch.optim.Optimizer], meta: dict) -> None:
     """Several modules and optimizers in one safetensors file, each under its own key prefix.
@@ -114,6 +106,18 @@ def load_states(path: Path, modules: dict[str, torch.nn.Module],
                     state.setdefault(int(pid), {})[key] = v
         opt.load_state_dict({"state": state, "param_groups": groups[name]})
     return meta
+
+
+def add_run_args(p: argparse.ArgumentParser, *, lr: float, run_dir_help: str) -> None:
+    """The options every training command shares: schedule, data slice, seed, device, resume."""
+    p.add_argument("--run-dir", default=None, help=run_dir_help)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/state.safetensors")
 
 
 def progress(iterable, enabled: bool, **kw):

@@ -9,9 +9,13 @@ would flatter it), and, for a generator, its samples. Ratios are against the flo
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import torch
+
+from models.checkpoint import read_config, write_config
 
 from .classifier import Classifier, frechet_distance
 
@@ -92,3 +96,14 @@ def tokenizer_report(vqvae, ref: Reference) -> dict:
         "reconstruction_class_accuracy": round(ref.accuracy(recon, ref.train_labels), 4),
         "real_train_class_accuracy": round(ref.accuracy(ref.train_images, ref.train_labels), 4),
     }
+
+
+def publish(result: dict, folder: Path, key: str, write: bool) -> dict:
+    """Print an evaluation as one JSON line and, unless told not to, keep it in the
+    checkpoint's config.json under evaluation.KEY."""
+    if write:
+        cfg = read_config(folder)
+        cfg.setdefault("evaluation", {})[key] = result
+        write_config(folder, cfg)
+    print(json.dumps(result))
+    return result

@@ -12,33 +12,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import load_bundle, read_config, save_gpt, write_config
+from models.checkpoint import load_bundle, read_config, save_gpt
 from models.gpt import GPT, GPTConfig
 from models.images import tile, to_uint8
 from models.sampling import SAMPLING_DEFAULTS, SamplingBatch, make_batch
 from models.slots import sample
 
+from . import common
 from .classifier import load_or_train_classifier
-from .common import (
-    all_mean,
-    batches,
-    load_state,
-    pick_device,
-    progress,
-    save_state,
-    seed_everything,
-    setup_distributed,
-)
 from .data import Split, augment, load_dataset
-from .evaluation import Reference, add_reference_args, code_usage, tokenizer_report
+from .evaluation import Reference, add_reference_args, code_usage, publish, tokenizer_report
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="folder holding a trained vqvae")
-    p.add_argument("--run-dir", default=None, help="token cache, PNGs, resume state (default runs/NAME-gpt)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    common.add_run_args(p, lr=1e-3, run_dir_help="token cache, PNGs, resume state (default runs/NAME-gpt)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
@@ -48,13 +36,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-dropout", type=float, default=0.1, help="share of null-class rows (for guidance)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="default guidance written to config.json")
     p.add_argument("--temperature", type=float, default=1.0, help="default temperature for config.json")
-    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (tests)")
     p.add_argument("--augment", type=int, default=0,
                    help="add N randomly turned/zoomed/shifted copies of every training image "
                         "(small data sets: shipped MNIST uses 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -128,8 +112,8 @@ def _save_class_rows(bundle, gpt: GPT, path: Path, per_class: int, seed: int, se
 
 
 def train(args: argparse.Namespace) -> Path:
-    d, device = setup_distributed(args.device)
-    seed_everything(args.seed)
+    d, device = common.setup_distributed(args.device)
+    common.seed_everything(args.seed)
     folder = Path(args.checkpoint)
     bundle = load_bundle(folder, device=device)
     data = load_dataset(bundle.config["dataset"])
@@ -163,7 +147,7 @@ def train(args: argparse.Namespace) -> Path:
     state_path = run_dir / "state.safetensors"
     start_epoch = 0
     if args.resume and state_path.is_file():
-        start_epoch = load_state(state_path, model, opt)["epoch"]
+        start_epoch = common.load_states(state_path, {"model": model}, {"opt": opt})["epoch"]
         for _ in range(start_epoch * steps_per_epoch):
             sched.step()
         if d.main:
@@ -181,7 +165,7 @@ def train(args: argparse.Namespace) -> Path:
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.time()
-        bar = progress(batches(len(codes), args.batch_size, d, g), d.main,
+        bar = common.progress(common.batches(len(codes), args.batch_size, d, g), d.main,
                        desc=f"epoch {epoch + 1}/{args.epochs}")
         for idx in bar:
             y = codes[idx].to(device)
@@ -195,12 +179,12 @@ def train(args: argparse.Namespace) -> Path:
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        train_loss = all_mean(loss.item(), d, device)
+        train_loss = common.all_mean(loss.item(), d, device)
         if d.main:
             model.eval()
             with torch.no_grad():
                 _, test_loss = model(test_x.to(device), targets=tokens["test_codes"][:2000].to(device))
-            save_state(state_path, model, opt, {"epoch": epoch + 1})
+            common.save_states(state_path, {"model": model}, {"opt": opt}, {"epoch": epoch + 1})
             _save_class_rows(bundle, model, run_dir / f"samples_epoch{epoch + 1:03d}.png", 10,
                              args.seed, settings)
             save_gpt(folder, model, {
@@ -224,7 +208,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Class accuracy and domain FID of conditional samples, beside the tokenizer's own figures
     (real training images: the floor; reconstructions of training images), all against the test set."""
     folder = Path(args.checkpoint)
-    device = str(pick_device(args.device))
+    device = str(common.pick_device(args.device))
     bundle = load_bundle(folder, device=device, require_gpt=True)
     data = load_dataset(bundle.config["dataset"])
     clf = load_or_train_classifier(folder, data, device=device, seed=args.seed,
@@ -253,9 +237,4 @@ def evaluate(args: argparse.Namespace) -> dict:
         "sampling_images_per_s": round(len(images) / sample_seconds, 1),
         "device": device,
     }
-    if not args.no_write:
-        cfg = read_config(folder)
-        cfg.setdefault("evaluation", {})[args.key] = result
-        write_config(folder, cfg)
-    print(json.dumps(result))
-    return result
+    return publish(result, folder, args.key, not args.no_write)

@@ -19,6 +19,7 @@ from models.vqvae import VQVAE, VQVAEConfig
 
 from .classifier import load_or_train_classifier
 from .common import (
+    add_run_args,
     all_mean,
     batches,
     load_states,
@@ -29,7 +30,7 @@ from .common import (
     setup_distributed,
 )
 from .data import load_dataset
-from .evaluation import Reference, add_reference_args, tokenizer_report
+from .evaluation import Reference, add_reference_args, publish, tokenizer_report
 from .perceptual import PerceptualLoss, PerceptualNet, load_perceptual, save_perceptual, train_perceptual
 from .vqgan import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, set_requires_grad
 
@@ -37,10 +38,7 @@ from .vqgan import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_lo
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="mnist | fashion-mnist | idx:DIR | folder:DIR")
     p.add_argument("--out", required=True, help="checkpoint folder to write, e.g. checkpoints/mnist")
-    p.add_argument("--run-dir", default=None, help="per-epoch PNGs and resume state (default runs/NAME)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    add_run_args(p, lr=2e-3, run_dir_help="per-epoch PNGs and resume state (default runs/NAME)")
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--code-dim", type=int, default=32)
     p.add_argument("--widths", default="16,48,96", help="comma list, finest first")
@@ -48,10 +46,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--res-blocks", type=int, default=1)
     p.add_argument("--quantizer", choices=["ema", "plain"], default="ema")
     p.add_argument("--beta", type=float, default=0.25)
-    p.add_argument("--limit", type=int, default=0, help="train on the first N images only (tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/state.safetensors")
     g = p.add_argument_group("VQGAN (--loss vqgan)")
     g.add_argument("--loss", choices=["mse", "vqgan"], default="mse",
                    help="mse: pixel MSE (VQ-VAE); vqgan: L1 + perceptual + patch-adversarial")
@@ -314,9 +308,4 @@ def evaluate(args: argparse.Namespace) -> dict:
                                    steps=args.classifier_steps, path=args.classifier)
     result.update(tokenizer_report(bundle.vqvae, Reference(clf, data, args.train_images, args.seed)))
     result["device"] = str(device)
-    if not args.no_write:
-        cfg = read_config(folder)
-        cfg.setdefault("evaluation", {})[args.key] = result
-        write_config(folder, cfg)
-    print(json.dumps(result))
-    return result
+    return publish(result, folder, args.key, not args.no_write)

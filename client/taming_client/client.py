@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing, closing
 from typing import Any
 from urllib.parse import quote
 
@@ -103,26 +105,20 @@ class TamingClient(_Base):
                                grid, prefix)
         r = self._send("POST", "/generate", stream=True, json=body,
                        headers={"Accept": p.STREAM_ACCEPT})
-        try:
+        with closing(r), p.transport_errors(r.url):
+            if p.media_type(r) == p.EVENT_STREAM:
+                events = p.GenerationStream()
+                for line in r.iter_lines():
+                    yield from events.items(line)
+                    if events.done:
+                        return
+                raise p.ended_early()
             if p.media_type(r) == p.JSON:  # a request the server does not stream
-                r.read()
-                yield Generation.from_json(r.json())
+                yield Generation.from_json(json.loads(r.read()))
                 return
-            if p.media_type(r) != p.EVENT_STREAM:  # a server that streams nothing
-                r.close()
-                yield self.generate(model, n, label, seed, temperature, top_k, top_p,
-                                    cfg_scale, grid, prefix)
-                return
-            events = p.GenerationStream()
-            for line in r.iter_lines():
-                yield from events.items(line)
-                if events.done:
-                    return
-            raise p.ended_early()
-        except httpx.TransportError as e:
-            raise p.unreachable(r.url, e) from e
-        finally:
-            r.close()
+        # a server that streams nothing: its plain answer
+        yield self.generate(model, n, label, seed, temperature, top_k, top_p, cfg_scale, grid,
+                            prefix)
 
     def encode(self, images: Any, model: str | None = None) -> np.ndarray:
         """Images (paths, encoded bytes, PIL images or arrays; one or a list) -> their token
@@ -201,27 +197,22 @@ class AsyncTamingClient(_Base):
                                grid, prefix)
         r = await self._send("POST", "/generate", stream=True, json=body,
                              headers={"Accept": p.STREAM_ACCEPT})
-        try:
-            if p.media_type(r) == p.JSON:
-                await r.aread()
-                yield Generation.from_json(r.json())
-                return
-            if p.media_type(r) != p.EVENT_STREAM:
-                await r.aclose()
-                yield await self.generate(model, n, label, seed, temperature, top_k, top_p,
-                                          cfg_scale, grid, prefix)
-                return
-            events = p.GenerationStream()
-            async for line in r.aiter_lines():
-                for item in events.items(line):
-                    yield item
-                if events.done:
+        async with aclosing(r):
+            with p.transport_errors(r.url):
+                kind = p.media_type(r)
+                if kind == p.EVENT_STREAM:
+                    events = p.GenerationStream()
+                    async for line in r.aiter_lines():
+                        for item in events.items(line):
+                            yield item
+                        if events.done:
+                            return
+                    raise p.ended_early()
+                if kind == p.JSON:
+                    yield Generation.from_json(json.loads(await r.aread()))
                     return
-            raise p.ended_early()
-        except httpx.TransportError as e:
-            raise p.unreachable(r.url, e) from e
-        finally:
-            await r.aclose()
+        yield await self.generate(model, n, label, seed, temperature, top_k, top_p, cfg_scale,
+                                  grid, prefix)
 
     async def encode(self, images: Any, model: str | None = None) -> np.ndarray:
         params = {"model": model} if model else None

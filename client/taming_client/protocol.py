@@ -10,7 +10,8 @@ import io
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Union
@@ -135,6 +136,15 @@ def unreachable(url: httpx.URL | str, exc: Exception) -> TamingError:
     if isinstance(exc, httpx.TimeoutException):
         return TamingError(None, "timeout", f"no answer from {url} in time ({exc!r})")
     return TamingError(None, "unreachable", f"cannot reach {url}: {exc}")
+
+
+@contextmanager
+def transport_errors(url: httpx.URL | str) -> Iterator[None]:
+    """A connection that fails while a streamed answer is read -> TamingError."""
+    try:
+        yield
+    except httpx.TransportError as e:
+        raise unreachable(url, e) from e
 
 
 @dataclass
