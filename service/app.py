@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__, docs, errors, logs, openapi
 from .deps import require_api_key
+from .front import InferenceRoutes
 from .middleware import RequestMiddleware
 from .registry import ModelEntry
 from .routers import decode, encode, generate, health, playground
@@ -40,8 +41,9 @@ NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 
 class TamingApp(FastAPI):
     """FastAPI, with the layers this service owns (the request layer: ids, body limit,
-    metrics, access log; then CORS when configured) outside FastAPI's own middleware stack,
-    so that even a request FastAPI's stack fails on is counted and logged."""
+    metrics, access log; then CORS when configured; then the inference routes) outside
+    FastAPI's own middleware stack, so that even a request FastAPI's stack fails on is
+    counted and logged."""
 
     outer_layers: list[tuple[type, dict]] = []  # outermost first
 
@@ -73,7 +75,8 @@ def create_app(settings: Settings | None = None,
                     telemetry=NO_TELEMETRY)
     app.state.service = svc
     errors.install(app)
-    # the key check exists only where keys do: a server without keys pays nothing for it
+    # documents the key check of the inference routes (service/front.py makes it) and makes it
+    # for /models; a server without keys pays nothing for it
     auth = [Depends(require_api_key)] if settings.api_keys else []
     for r in (generate.router, encode.router, decode.router, models_router.router):
         app.include_router(r, dependencies=auth)
@@ -89,5 +92,8 @@ def create_app(settings: Settings | None = None,
             "allow_origins": settings.cors_origins, "allow_methods": ["GET", "POST"],
             "allow_headers": ["Authorization", "Content-Type", "Accept", "X-Request-ID"],
             "expose_headers": ["X-Seed", "X-Model", "X-Request-ID"]}))
+    # innermost of the outer layers: inside the request layer and CORS, outside FastAPI
+    layers.append((InferenceRoutes, {"service": svc, "routes": {
+        "/generate": generate.generate, "/encode": encode.encode, "/decode": decode.decode}}))
     app.outer_layers = layers
     return app

@@ -109,6 +109,15 @@ def test_operation_ids_are_the_handler_names(client):
     assert all(re.fullmatch(r"[a-z]+(_[a-z]+)?", i) for i in every), every
 
 
+def test_encode_documents_its_model_parameter(client):
+    """/encode reads ?model= itself (service/front.py serves it past FastAPI), so its schema
+    says by hand what FastAPI would have derived."""
+    op = client.get("/openapi.json").json()["paths"]["/encode"]["post"]
+    params = {p["name"]: p for p in op["parameters"]}
+    assert params["model"]["in"] == "query" and not params["model"]["required"]
+    assert params["model"]["schema"] == {"type": "string", "maxLength": 128}
+
+
 def test_response_headers_are_documented_and_sent(client):
     spec = client.get("/openapi.json").json()
     ops = {op["operationId"]: op for item in spec["paths"].values() for op in item.values()}

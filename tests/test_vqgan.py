@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from models.checkpoint import load_bundle
 from training.classifier import Classifier, load_classifier, save_classifier
-from training.common import load_state, load_states, save_state, save_states
+from training.common import load_states, save_states
 from training.data import load_dataset
 from training.evaluation import Reference, tokenizer_report
 from training.perceptual import PerceptualLoss, PerceptualNet
@@ -98,9 +98,9 @@ def test_state_file_holds_several_modules_and_optimizers(tmp_path):
     assert torch.equal(a2.weight, a.weight) and torch.equal(b2.weight, b.weight)
     assert ob2.param_groups[0]["lr"] == 0.5
     assert torch.equal(ob2.state_dict()["state"][0]["exp_avg"], ob.state_dict()["state"][0]["exp_avg"])
-    # the one-model form still reads and writes the same layout
-    save_state(tmp_path / "one.safetensors", a, oa, {"epoch": 1})
-    assert load_state(tmp_path / "one.safetensors", a2, oa2)["epoch"] == 1
+    # the transformer's state (one model, one optimizer) loads into its own pair alone
+    save_states(tmp_path / "one.safetensors", {"model": a}, {"opt": oa}, {"epoch": 1})
+    assert load_states(tmp_path / "one.safetensors", {"model": a2}, {"opt": oa2})["epoch"] == 1
 
 
 def test_classifier_files_of_both_architectures_load(root, tmp_path):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -54,13 +52,26 @@ async def _read_uploads(request: Request, max_images: int) -> list[bytes]:
                        "image/jpeg, image/webp or multipart/form-data")
 
 
-@router.post("/encode", summary="Tokenize images", openapi_extra=REQUEST_BODY,
+MODEL_PARAM = {"name": "model", "in": "query", "required": False, "description": (
+    "Model name; default: the server's default model."),
+    "schema": {"type": "string", "maxLength": MAX_NAME}}
+
+
+def model_param(request: Request) -> str | None:
+    """`?model=`, read here rather than by a FastAPI parameter: dependency solving costs the
+    event loop more per request than this whole handler (BENCHMARKS.md)."""
+    name = request.query_params.get("model")
+    if name is not None and len(name) > MAX_NAME:
+        raise invalid(f"query.model: String should have at most {MAX_NAME} characters")
+    return name
+
+
+@router.post("/encode", summary="Tokenize images",
+             openapi_extra={**REQUEST_BODY, "parameters": [MODEL_PARAM]},
              response_model=EncodeResponse, responses=errors(401, 404, 413, 415, 422, 503, 504))
-async def encode(request: Request,
-                 model: Annotated[str | None, Query(max_length=MAX_NAME, description=(
-                     "Model name; default: the server's default model."))] = None) -> Response:
+async def encode(request: Request) -> Response:
     svc = service_of(request)
-    entry = svc.model(model, request)
+    entry = svc.model(model_param(request), request)
     svc.check_room(entry, "encode")  # before any multipart parsing or image decoding
     blobs = await _read_uploads(request, svc.settings.max_images)
     x = await svc.offload(prepare, blobs, entry.channels, entry.image_size,
