@@ -87,6 +87,7 @@ def test_shipped_checkpoints_load_and_are_small(root):
         assert ev["vqvae"]["psnr_db"] >= (21 if name == "fashion-mnist" else 20)
 
 
+@pytest.mark.slow
 def test_loading_and_serving_never_unpickle(root, monkeypatch):
     """Every unpickling entry point raises: the shipped models still load and answer."""
     import pickle

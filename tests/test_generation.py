@@ -57,6 +57,7 @@ def server():
         yield base
 
 
+@pytest.mark.slow
 def test_seeded_requests_arriving_at_random_times_get_the_reference_tokens(server):
     """Whatever runs beside it and whenever it arrives, a seeded image gets the tokens of the
     reference sampler (one image, full re-forward, no cache) fed the same seed."""

@@ -170,6 +170,7 @@ def test_discovery_skips_folders_without_config(tmp_path):
     assert list(load_models(settings(checkpoint_dir=tmp_path))) == ["mnist"]
 
 
+@pytest.mark.slow
 def test_a_client_that_hangs_up_costs_no_model_work():
     """In the collector: a queued job whose client left is dropped before compute. (The
     generation engine frees a leaver's slots at the next step: tests/test_generation.py.)"""

@@ -28,6 +28,7 @@ def client():
 
 
 # ---- python -m service --help -----------------------------------------------------------------
+@pytest.mark.slow
 def test_help_lists_every_setting_and_starts_no_server():
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAMING_")}
     proc = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=ROOT, env=env,

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from models.checkpoint import load_bundle
@@ -24,6 +25,7 @@ def run(root, *args, nproc=None):
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_help(root):
     out = run(root, "--help")
     assert out.returncode == 0 and "vqvae" in out.stdout and "evaluate-generator" in out.stdout
@@ -37,6 +39,7 @@ def test_missing_dataset_gives_one_line_error(root, tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "error:" in out.stderr
 
 
+@pytest.mark.slow
 def test_vqvae_then_transformer_on_a_real_slice(root, tmp_path):
     ck, runs = tmp_path / "ck", tmp_path / "runs"
     out = run(root, "vqvae", "--dataset", "mnist", "--out", str(ck), "--run-dir", str(runs / "vq"),
@@ -76,6 +79,7 @@ def test_vqvae_then_transformer_on_a_real_slice(root, tmp_path):
     assert "generator" not in json.loads((ck / "config.json").read_text()).get("evaluation", {})
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(root, tmp_path):
     ck = tmp_path / "ddp"
     out = run(root, "vqvae", "--dataset", "mnist", "--out", str(ck), "--run-dir", str(tmp_path / "r"),
