@@ -4,12 +4,13 @@ reference sampler, on the same weights in the same run.
 Every image samples at the checkpoint's `sampling_defaults` (the server's defaults: cfg 1.5,
 so a guided image takes two rows). Eager is `generate` as the library runs it; compiled is
 the same sampler stepped by `compiled_steps` (on CUDA torch.compile with CUDA graphs, mode
-reduce-overhead; on CPU a frozen TorchScript trace), reused across calls and always taking
-the filtered pick, the way the server's engine runs its slots (eager `generate` skips the
-sort when no row filters, as at these defaults). With --slots the compiled step runs one
-sampler of 2 x slots rows, each batch at the smallest padded size that holds it: the server's
-lane. Each size runs once untimed first (compilation, graph capture); peak memory is the
-device's peak allocation on CUDA, the process's peak RSS on CPU.
+reduce-overhead; on CPU a frozen TorchScript trace), reused across calls, the way the
+server's engine runs its slots: without the sort when no row filters, as at these defaults,
+except on CUDA, which builds the filtered graph alone (eager `generate` skips it too).
+With --slots the compiled step runs one sampler of 2 x slots rows, each batch at the
+smallest padded size that holds it: the server's lane. Each size runs once untimed first
+(compilation, graph capture); peak memory is the device's peak allocation on CUDA, the
+process's peak RSS on CPU.
 
     python bench/sampler.py [--checkpoint checkpoints/mnist] [--device cpu|cuda]
         [--batch-sizes 1,8,64,256] [--reference-sizes 1,8] [--slots 256] [--no-compile]
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.checkpoint import load_bundle  # noqa: E402
 from models.gpt import GPT  # noqa: E402
 from models.sampling import SamplingBatch, filtering, make_batch, reference_generate  # noqa: E402
-from models.slots import SlotSampler, compiled_steps, generate  # noqa: E402
+from models.slots import SlotSampler, compiled_steps, generate, step_variants  # noqa: E402
 
 
 def batch_of(gpt: GPT, n: int, defaults: dict, seed: int) -> SamplingBatch:
@@ -54,7 +55,7 @@ def rows_of(batch: SamplingBatch) -> int:
     return len(batch) + int((batch.cfg_scale != 1).sum())
 
 
-def compiled_sampler(gpt: GPT, rows: int) -> tuple[SlotSampler, Callable[[int], None]]:
+def compiled_sampler(gpt: GPT, rows: int) -> tuple[SlotSampler, Callable[[int, bool], None]]:
     sampler = SlotSampler(gpt, rows)
     return sampler, compiled_steps(sampler)
 
@@ -62,12 +63,15 @@ def compiled_sampler(gpt: GPT, rows: int) -> tuple[SlotSampler, Callable[[int], 
 class CompiledGenerate:
     """`generate` over a reused sampler whose step is compiled, run the way the server's
     engine runs a lane: the images in rows [0, rows), the step at the smallest padded size
-    that holds them, always the filtered pick. Admit, then T steps."""
+    that holds them, with the sort only where a row filters (or the device has that graph
+    alone). Admit, then T steps."""
 
-    def __init__(self, sampler: SlotSampler, step: Callable[[int], None],
+    def __init__(self, sampler: SlotSampler, step: Callable[[int, bool], None],
                  batch: SamplingBatch) -> None:
         cfg = sampler.gpt.config
         self.sampler, self.step, self.batch = sampler, step, batch
+        self.filtered = (filtering(batch.top_k, batch.top_p, cfg.codebook_size)
+                         or False not in step_variants(sampler.out.device.type))
         self.null_class, self.T = cfg.null_class, cfg.seq_len
         guided = (batch.cfg_scale != 1).tolist()
         spare = iter(range(len(batch), rows_of(batch)))
@@ -80,7 +84,7 @@ class CompiledGenerate:
         s = self.sampler
         s.admit(self.cond, self.uncond, self.batch, self.null_class)
         for _ in range(self.T):
-            self.step(self.size)
+            self.step(self.size, self.filtered)
         return s.out[:len(self.batch)].clone()
 
 
@@ -156,7 +160,9 @@ def main() -> None:
             "sampling": defaults, "compile_mode": mode,
             "eager_pick_filtered": filtering(batches[sizes[0]].top_k, batches[sizes[0]].top_p,
                                              cfg.codebook_size) if sizes else None,
-            "compiled_pick_filtered": True,
+            "compiled_pick_filtered": (filtering(batches[sizes[0]].top_k, batches[sizes[0]].top_p,
+                                                 cfg.codebook_size) if sizes else False)
+                                      or False not in step_variants(device.type),
             "compiled_sampler_rows": 2 * args.slots if args.slots else "each batch's own",
             "grid": list(cfg.grid),
             "d_model": cfg.d_model, "n_layer": cfg.n_layer,

@@ -198,9 +198,17 @@ def _cached_attention(blk, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torc
 _COMPILED: dict[str, Callable] = {}
 
 
-def compiled_steps(sampler: SlotSampler) -> Callable[[int], None]:
-    """`step` as a fixed-shape graph per padded size, shared by every sampler of one GPT
-    (their states are inputs of equal shapes); each size is built on its first call.
+def step_variants(device_type: str) -> tuple[bool, ...]:
+    """The `filtered` values a compiled step is built for. On CPU both: a step without the
+    sort costs less when no row uses top-k or top-p (BENCHMARKS.md). On CUDA the filtered
+    step alone: it picks the same codes for every row, and each graph adds to start-up."""
+    return (True,) if device_type == "cuda" else (True, False)
+
+
+def compiled_steps(sampler: SlotSampler) -> Callable[[int, bool], None]:
+    """`step` as a fixed-shape graph per padded size and `step_variants` value, shared by
+    every sampler of one GPT (their states are inputs of equal shapes); each is built on its
+    first call.
 
     On CUDA: torch.compile with CUDA graphs (mode "reduce-overhead") replayed over the
     state's fixed addresses, since a model this small is bound by kernel launches. On CPU:
@@ -213,7 +221,7 @@ def compiled_steps(sampler: SlotSampler) -> Callable[[int], None]:
     return _traced_steps(sampler)
 
 
-def _inductor_steps(sampler: SlotSampler) -> Callable[[int], None]:
+def _inductor_steps(sampler: SlotSampler) -> Callable[[int, bool], None]:
     compiled = _COMPILED.get("cuda")
     if compiled is None:
         compiled = _COMPILED["cuda"] = torch.compile(
@@ -226,7 +234,7 @@ def _inductor_steps(sampler: SlotSampler) -> Callable[[int], None]:
         torch._dynamo.mark_static_address(t)
     gpt = sampler.gpt
 
-    def run(size: int) -> None:
+    def run(size: int, filtered: bool = True) -> None:  # the filtered graph serves both
         compiled(gpt, st, size, True)
 
     return run
@@ -235,32 +243,33 @@ def _inductor_steps(sampler: SlotSampler) -> Callable[[int], None]:
 class _StepGraph(torch.nn.Module):
     """`step` at one size over the state's tensors, flat: the form torch.jit.trace takes."""
 
-    def __init__(self, gpt: GPT, size: int) -> None:
+    def __init__(self, gpt: GPT, size: int, filtered: bool) -> None:
         super().__init__()
-        self.gpt, self.size = gpt, size
+        self.gpt, self.size, self.filtered = gpt, size, filtered
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         n = len(self.gpt.blocks)
         st = SlotState(tensors[:n], tensors[n:2 * n], *tensors[2 * n:])
-        step(self.gpt, st, self.size, True)
+        step(self.gpt, st, self.size, self.filtered)
         return st.out
 
 
-_TRACED: dict[tuple[int, int], torch.jit.ScriptModule] = {}  # (id of GPT, size)
+_TRACED: dict[tuple[int, int, bool], torch.jit.ScriptModule] = {}  # (id of GPT, size, filtered)
 
 
-def _traced_steps(sampler: SlotSampler) -> Callable[[int], None]:
+def _traced_steps(sampler: SlotSampler) -> Callable[[int, bool], None]:
     gpt, flat = sampler.gpt, _flat(sampler.state)
 
-    def run(size: int) -> None:
-        graph = _TRACED.get((id(gpt), size))
+    def run(size: int, filtered: bool = True) -> None:
+        key = (id(gpt), size, filtered)
+        graph = _TRACED.get(key)
         if graph is None:
             with warnings.catch_warnings():  # TorchScript is deprecated; its trace still runs
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                graph = torch.jit.freeze(torch.jit.trace(_StepGraph(gpt, size).eval(), flat,
-                                                         check_trace=False))
-            _TRACED[(id(gpt), size)] = graph  # the trace ran one step: that was this call's
+                graph = torch.jit.freeze(torch.jit.trace(
+                    _StepGraph(gpt, size, filtered).eval(), flat, check_trace=False))
+            _TRACED[key] = graph  # the trace ran one step: that was this call's
             return
         graph(*flat)
 

@@ -26,7 +26,7 @@ import torch
 
 from models.gpt import GPT
 from models.sampling import SamplingBatch
-from models.slots import SlotSampler, compiled_steps
+from models.slots import SlotSampler, compiled_steps, step_variants
 
 from .errors import RETRY_AFTER, ServiceError
 from .metrics import Metrics
@@ -44,6 +44,7 @@ class Ticket:
     grid: tuple[int, int]
     future: asyncio.Future
     arrival: float
+    filtered: bool  # uses top-k or top-p: its lane steps with the sort
     on_row: Callable[[int, int, np.ndarray], None] | None = None  # (image, row, tokens)
     tokens: np.ndarray = field(init=False)
     left: int = field(init=False)  # images not finished
@@ -78,7 +79,10 @@ class Lane:
         self.engine = engine
         self.index = index
         self.sampler = sampler
-        self.steps: dict[int, Callable[[int], None]] = {}  # compiled, by padded size
+        # compiled, by (padded size, filtered)
+        self.steps: dict[tuple[int, bool], Callable[[int, bool], None]] = {}
+        self.variants = step_variants(sampler.out.device.type)
+        self.filtering = 0  # active images that use top-k or top-p
         self.free = list(range(sampler.capacity))  # a heap would do; sorted lists stay small
         self.active: list[_Image] = []
         self.prepared = threading.Event()
@@ -96,17 +100,17 @@ class Lane:
             compiled = compiled_steps(self.sampler) if e.compile else None
             # CUDA graphs: a first call warms up, the second records the graph
             calls = 3 if self.sampler.out.device.type == "cuda" else 1
-            for size in self.sampler.sizes:
+            wanted = [(size, f) for size in self.sampler.sizes for f in self.variants]
+            for size, filtered in wanted:
                 if compiled is not None and time.monotonic() < e.compile_deadline:
                     for _ in range(calls):
-                        compiled(size)
-                    self.steps[size] = compiled
+                        compiled(size, filtered)
+                    self.steps[size, filtered] = compiled
                 else:
-                    self.sampler(size)
-            if compiled is not None and len(self.steps) < len(self.sampler.sizes):
-                log.warning("%s lane %d: compile budget spent; %d of %d step sizes run eager",
-                            e.name, self.index, len(self.sampler.sizes) - len(self.steps),
-                            len(self.sampler.sizes))
+                    self.sampler(size, filtered)
+            if compiled is not None and len(self.steps) < len(wanted):
+                log.warning("%s lane %d: compile budget spent; %d of %d step graphs run eager",
+                            e.name, self.index, len(wanted) - len(self.steps), len(wanted))
             self.sampler.release(list(range(self.sampler.capacity)))
             if self.sampler.out.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -146,6 +150,7 @@ class Lane:
                 batches[0] if len(batches) == 1 else SamplingBatch.cat(batches),
                 self.engine.null_class)
         self.active.extend(joined)
+        self.filtering += sum(im.ticket.filtered for im in joined)
         self._count_active()
 
     def _compact(self) -> int:
@@ -170,9 +175,9 @@ class Lane:
         e = self.engine
         size = self._compact()
         t0 = time.perf_counter()
-        # always the filtered pick: with top-k and top-p off it keeps every code, and one
-        # graph per size is half the start-up compilation
-        self.steps.get(size, self.sampler)(size)
+        # without the sort when no row filters (where that variant exists): the same picks
+        filtered = self.filtering > 0 or False not in self.variants
+        self.steps.get((size, filtered), self.sampler)(size, filtered)
         cols = self.engine.cols
         T = self.engine.seq_len
         for im in self.active:
@@ -201,6 +206,7 @@ class Lane:
 
     def _release(self, images: list[_Image]) -> None:
         rows = [r for im in images for r in im.rows]
+        self.filtering -= sum(im.ticket.filtered for im in images)
         self.sampler.release(rows)
         self.free.extend(rows)
         self.free.sort()
@@ -291,7 +297,7 @@ class GenerationEngine:
                                RETRY_AFTER)
 
     def submit(self, n: int, image: Callable[[int], SamplingBatch], *, guided: bool,
-               grid: tuple[int, int],
+               grid: tuple[int, int], filtered: bool = True,
                on_row: Callable[[int, int, np.ndarray], None] | None = None,
                admitted: bool = False) -> Ticket:
         """Queue one request of n images; `image(i)` builds image i's seeded row."""
@@ -301,7 +307,8 @@ class GenerationEngine:
                                RETRY_AFTER)
         self.check_room(n)
         loop = self._loop
-        ticket = Ticket(n, image, guided, grid, loop.create_future(), loop.time(), on_row)
+        ticket = Ticket(n, image, guided, grid, loop.create_future(), loop.time(), filtered,
+                        on_row)
         with self._lock:
             self._waiting.extend(_Image(ticket, i) for i in range(n))
             self._waiting_images += n

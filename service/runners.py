@@ -39,6 +39,12 @@ class GeneratePayload:
     def guided(self) -> bool:
         return self.settings["cfg_scale"] != 1
 
+    @property
+    def filtered(self) -> bool:
+        """Whether its picks use top-k or top-p (the engine then steps with the sort)."""
+        k = self.settings["top_k"]
+        return (k is not None and k < self.model_cfg.codebook_size) or self.settings["top_p"] < 1
+
 
 class WideGenerateRunner:
     """/generate on grids beyond the model's: sliding-window sampling, run to completion."""

@@ -201,7 +201,8 @@ class Service:
         ctx["images"] = payload.n
         self._arrived(ctx, self.arrivals)
         return self.generators[entry.name].submit(
-            payload.n, payload.image, guided=payload.guided, grid=payload.grid, on_row=on_row,
+            payload.n, payload.image, guided=payload.guided, grid=payload.grid,
+            filtered=payload.filtered, on_row=on_row,
             admitted=self._admitted(ctx))
 
     @staticmethod

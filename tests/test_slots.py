@@ -10,7 +10,7 @@ import torch
 from test_sampling import mixed_batch, tiny
 
 from models.sampling import SamplingBatch, make_batch, reference_generate
-from models.slots import SlotSampler, compiled_steps, padded_sizes
+from models.slots import SlotSampler, compiled_steps, padded_sizes, step_variants
 
 
 def staggered(sampler: SlotSampler, batch: SamplingBatch, seed: int, step=None,
@@ -93,6 +93,27 @@ def test_unfiltered_step_skips_the_sort_and_picks_the_same_codes():
         b(6, False)
     assert torch.equal(a.out[:4], b.out[:4])
     assert torch.equal(a.out[:4], reference_generate(m, batch))
+
+
+def test_compiled_steps_with_and_without_the_sort_pick_the_same_codes():
+    """On CPU each size has a traced step with the sort and one without; for rows that use
+    neither top-k nor top-p both pick the reference's codes."""
+    m = tiny()
+    g = torch.Generator().manual_seed(5)
+    batch = SamplingBatch.cat([make_batch(m.config, 3, m.config.grid, label=2, generator=g),
+                               make_batch(m.config, 2, m.config.grid, cfg_scale=2.0, generator=g)])
+    assert step_variants("cpu") == (True, False) and step_variants("cuda") == (True,)
+    outs = []
+    with torch.inference_mode():
+        for filtered in (True, False):
+            sampler = SlotSampler(m, 8)
+            run = compiled_steps(sampler)
+            sampler.admit([0, 1, 2, 3, 4], [None, None, None, 5, 6], batch, m.config.null_class)
+            for _ in range(m.config.seq_len):
+                run(8, filtered)
+            outs.append(sampler.out[:5].clone())
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[1], reference_generate(m, batch))
 
 
 def test_padded_sizes():
