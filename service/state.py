@@ -30,25 +30,29 @@ from .settings import Settings
 log = logging.getLogger("taming.service")
 
 INLINE_PIXELS = 16 * 28 * 28  # up to a few small images, a hop to the I/O pool costs more
-# CPU only: the model threads yield the GIL's holder sooner (Python's default is 5 ms) and
-# run at a lower priority, so the event loop gets a core first whenever it has work.
+# CPU only: the model threads yield the GIL's holder sooner (Python's default is 5 ms), and
+# the tokenizer's run at a lower priority, so the event loop gets a core first whenever it
+# has work. Generation lanes keep theirs: a niced lane lost its core whenever the loop woke,
+# and every image it held waited (BENCHMARKS.md, open loop).
 SWITCH_INTERVAL_S = 0.0002
 MODEL_THREAD_NICE = 10
 GPU_TORCH_THREADS = 4  # host-side work of a GPU worker: a few threads, not every core
 COMPILE_BUDGET_S = 240.0
 
 
-def init_model_thread(device: str, threads: int) -> None:
-    """Each model thread: its torch threads; on CPU a lower priority, on CUDA its own stream
-    (work of different threads overlaps, and a copy back waits only for its own kernels)."""
+def init_model_thread(device: str, threads: int, nice: int = 0) -> None:
+    """Each model thread: its torch threads; on CPU `nice` added to its priority, on CUDA its
+    own stream (work of different threads overlaps, and a copy back waits only for its own
+    kernels)."""
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_stream(torch.cuda.Stream(torch.device(device)))
         return
+    if not nice:
+        return
     tid = threading.get_native_id()
     try:  # Linux: niceness is per thread
-        os.setpriority(os.PRIO_PROCESS, tid,
-                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + MODEL_THREAD_NICE))
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except (AttributeError, OSError) as e:
         log.warning("model thread priority left as is: %s", e)
 
@@ -96,7 +100,7 @@ class Service:
         # CPU: one single-threaded model thread per core (OpenMP teams beside a busy event
         # loop stall at their barriers); GPU: one thread per stream
         threads = min(GPU_TORCH_THREADS, budget) if cuda else 1
-        on_thread = partial(init_model_thread, device, threads)
+        on_thread = partial(init_model_thread, device, threads, MODEL_THREAD_NICE)
         self.collector = Collector(
             self.metrics, BatchPolicy(s.max_batch_size, s.max_wait_ms / 1000.0), device=device,
             max_queue=s.max_queue, timeout_s=s.request_timeout_s,
@@ -110,7 +114,8 @@ class Service:
             gen = GenerationEngine(
                 name, entry.bundle.gpt, self.metrics, slots=s.generate_slots,
                 lanes=lane_count(device, budget), compile=s.compile, compile_deadline=deadline,
-                max_queue=s.max_queue, timeout_s=s.request_timeout_s, on_thread=on_thread)
+                max_queue=s.max_queue, timeout_s=s.request_timeout_s,
+                on_thread=partial(init_model_thread, device, threads))
             self.generators[name] = gen
             await gen.start()
         if self.draining:

@@ -9,11 +9,10 @@ import asyncio
 import os
 import threading
 import time
-from functools import partial
 
 import numpy as np
 import pytest
-import torch
+from fastapi.testclient import TestClient
 from service_helpers import (
     assert_error,
     async_client,
@@ -29,7 +28,7 @@ from service.collector import GONE_CHECK_AFTER_S, Arrivals, Collector
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.policy import LONG_BATCH_PATIENCE, BatchPolicy
-from service.state import MODEL_THREAD_NICE, init_model_thread
+from service.state import MODEL_THREAD_NICE
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 JSON = {"Accept": "application/json"}
@@ -369,15 +368,21 @@ def test_workers_compute_batches_side_by_side_but_long_batches_alone(bench):
     bench.run(main())
 
 
-def test_model_threads_run_at_a_lower_priority_on_cpu(bench):
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+def test_tokenizer_threads_run_at_a_lower_priority_on_cpu_and_lanes_do_not():
+    """The collector's model threads are niced so that the event loop gets a core first; the
+    generation lanes are not (a niced lane lost its core whenever the loop woke)."""
+    def niceness(native_id: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, native_id)
 
-    base = niceness()
-    e = bench.collector(workers=2, on_thread=partial(init_model_thread, "cpu",
-                                                     torch.get_num_threads()))
-    assert bench.run(e.call(niceness)) == min(19, base + MODEL_THREAD_NICE)
-    assert niceness() == base  # the event loop's thread keeps its own
+    base = niceness(threading.get_native_id())
+    with TestClient(create_app(settings(**tiny_models("mnist"), compile=False))):
+        threads = {t.name: t.native_id for t in threading.enumerate()}
+        tokenizer = [i for name, i in threads.items() if name.startswith("taming-cpu")]
+        lanes = [i for name, i in threads.items() if name.startswith("taming-gen-mnist")]
+        assert tokenizer and lanes
+        assert {niceness(i) for i in tokenizer} == {min(19, base + MODEL_THREAD_NICE)}
+        assert {niceness(i) for i in lanes} == {base}
+    assert niceness(threading.get_native_id()) == base  # the event loop's thread keeps its own
 
 
 def test_a_batch_that_runs_alone_waits_a_share_of_its_run_for_company(bench):
