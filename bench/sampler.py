@@ -63,15 +63,14 @@ def compiled_sampler(gpt: GPT, rows: int) -> tuple[SlotSampler, Callable[[int, b
 class CompiledGenerate:
     """`generate` over a reused sampler whose step is compiled, run the way the server's
     engine runs a lane: the images in rows [0, rows), the step at the smallest padded size
-    that holds them, with the sort only where a row filters (or the device has that graph
-    alone). Admit, then T steps."""
+    that holds them, with the sort only where a row filters (on CUDA the compiled step has
+    the filtered graph alone and takes it either way). Admit, then T steps."""
 
     def __init__(self, sampler: SlotSampler, step: Callable[[int, bool], None],
                  batch: SamplingBatch) -> None:
         cfg = sampler.gpt.config
         self.sampler, self.step, self.batch = sampler, step, batch
-        self.filtered = (filtering(batch.top_k, batch.top_p, cfg.codebook_size)
-                         or False not in step_variants(sampler.out.device.type))
+        self.filtered = filtering(batch.top_k, batch.top_p, cfg.codebook_size)
         self.null_class, self.T = cfg.null_class, cfg.seq_len
         guided = (batch.cfg_scale != 1).tolist()
         spare = iter(range(len(batch), rows_of(batch)))
@@ -153,16 +152,15 @@ def main() -> None:
     sizes = [int(x) for x in args.batch_sizes.split(",") if x]
     ref_sizes = {int(x) for x in args.reference_sizes.split(",") if x}
     batches = {n: batch_of(gpt, n, defaults, seed=n).to(device) for n in sizes}
+    filtered = (filtering(batches[sizes[0]].top_k, batches[sizes[0]].top_p, cfg.codebook_size)
+                if sizes else None)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads"
                        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
             "device": str(device), "checkpoint": args.checkpoint, "torch": torch.__version__,
             "sampling": defaults, "compile_mode": mode,
-            "eager_pick_filtered": filtering(batches[sizes[0]].top_k, batches[sizes[0]].top_p,
-                                             cfg.codebook_size) if sizes else None,
-            "compiled_pick_filtered": (filtering(batches[sizes[0]].top_k, batches[sizes[0]].top_p,
-                                                 cfg.codebook_size) if sizes else False)
-                                      or False not in step_variants(device.type),
+            "eager_pick_filtered": filtered,
+            "compiled_pick_filtered": bool(filtered) or False not in step_variants(device.type),
             "compiled_sampler_rows": 2 * args.slots if args.slots else "each batch's own",
             "grid": list(cfg.grid),
             "d_model": cfg.d_model, "n_layer": cfg.n_layer,

@@ -166,7 +166,7 @@ def train(args: argparse.Namespace) -> Path:
         model.train()
         t0 = time.time()
         bar = common.progress(common.batches(len(codes), args.batch_size, d, g), d.main,
-                       desc=f"epoch {epoch + 1}/{args.epochs}")
+                              desc=f"epoch {epoch + 1}/{args.epochs}")
         for idx in bar:
             y = codes[idx].to(device)
             cls = labels[idx].to(device) + cfg.codebook_size
