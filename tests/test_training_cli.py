@@ -50,6 +50,7 @@ def test_vqvae_then_transformer_on_a_real_slice(root, tmp_path):
     out = run(root, "vqvae", "--dataset", "mnist", "--out", str(ck), "--run-dir", str(runs / "vq"),
               "--epochs", "2", "--limit", "256", "--resume", *TINY_VQ)
     assert out.returncode == 0 and "resumed" in out.stdout
+    assert "lr_scheduler" not in out.stderr  # nothing to fast-forward: the rate follows the step
     assert json.loads((ck / "config.json").read_text())["training"]["vqvae"]["epochs"] == 2
     out = run(root, "evaluate-vqvae", "--checkpoint", str(ck), "--train-images", "500",
               "--classifier", str(root / "checkpoints" / "mnist" / "classifier.safetensors"))
@@ -64,6 +65,10 @@ def test_vqvae_then_transformer_on_a_real_slice(root, tmp_path):
               "--epochs", "1", "--limit", "256", *TINY_GPT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (runs / "gpt" / "samples_epoch001.png").is_file()
+    out = run(root, "transformer", "--checkpoint", str(ck), "--run-dir", str(runs / "gpt"),
+              "--epochs", "2", "--limit", "256", "--resume", *TINY_GPT)
+    assert out.returncode == 0 and "resumed" in out.stdout, out.stderr[-2000:]
+    assert "lr_scheduler" not in out.stderr and (runs / "gpt" / "samples_epoch002.png").is_file()
     b = load_bundle(ck, require_gpt=True)
     codes = sample(b.gpt, make_batch(b.gpt.config, 2, (7, 7), label=3,
                                      generator=torch.Generator().manual_seed(0)), (7, 7))

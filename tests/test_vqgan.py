@@ -135,6 +135,8 @@ def test_vqgan_cli_trains_resumes_and_ships_no_discriminator(root, tmp_path):
             *TINY_VQ, *TINY_GAN]
     out = run(root, *args, "--epochs", "1")
     assert out.returncode == 0, out.stderr[-2000:]
+    # the learning rates follow the global step: no scheduler stepped before its optimizer
+    assert "lr_scheduler" not in out.stderr
     assert (rd / "perceptual.safetensors").is_file() and (rd / "recon_epoch001.png").is_file()
     log = json.loads(out.stdout.strip().splitlines()[-1])
     assert log["epoch"] == 1 and "d" in log and "w" in log and log["w"] > 0
@@ -145,6 +147,7 @@ def test_vqgan_cli_trains_resumes_and_ships_no_discriminator(root, tmp_path):
     load_bundle(ck)
     out = run(root, *args, "--epochs", "2", "--resume")
     assert out.returncode == 0 and "resumed" in out.stdout, out.stderr[-2000:]
+    assert "lr_scheduler" not in out.stderr
     cfg = json.loads((ck / "config.json").read_text())
     assert cfg["training"]["vqvae"]["epochs"] == 2 and cfg["training"]["vqvae"]["loss"] == "vqgan"
     assert (rd / "recon_epoch002.png").is_file()

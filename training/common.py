@@ -108,6 +108,32 @@ def load_states(path: Path, modules: dict[str, torch.nn.Module],
     return meta
 
 
+def resume(path: Path, modules: dict[str, torch.nn.Module],
+           optimizers: dict[str, torch.optim.Optimizer], enabled: bool, main: bool) -> dict:
+    """`load_states` when resuming from a saved state, else a fresh run's meta (epoch 0)."""
+    if not (enabled and path.is_file()):
+        return {"epoch": 0}
+    meta = load_states(path, modules, optimizers)
+    if main:
+        print(f"resumed from {path} at epoch {meta['epoch']}")
+    return meta
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule is a function of the global step, set before each one: a resumed run
+    needs no scheduler state to fast-forward."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def shuffler(seed: int, n: int, epochs_done: int) -> torch.Generator:
+    """The generator of the epochs' shuffles, past those of epochs already trained."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs_done):
+        torch.randperm(n, generator=g)
+    return g
+
+
 def add_run_args(p: argparse.ArgumentParser, *, lr: float, run_dir_help: str) -> None:
     """The options every training command shares: schedule, data slice, seed, device, resume."""
     p.add_argument("--run-dir", default=None, help=run_dir_help)

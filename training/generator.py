@@ -143,22 +143,14 @@ def train(args: argparse.Namespace) -> Path:
     def lr_factor(s: int) -> float:  # linear warm-up, cosine down to 10%
         return min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     state_path = run_dir / "state.safetensors"
-    start_epoch = 0
-    if args.resume and state_path.is_file():
-        start_epoch = common.load_states(state_path, {"model": model}, {"opt": opt})["epoch"]
-        for _ in range(start_epoch * steps_per_epoch):
-            sched.step()
-        if d.main:
-            print(f"resumed from {state_path} at epoch {start_epoch}")
+    start_epoch = common.resume(state_path, {"model": model}, {"opt": opt}, args.resume, d.main)["epoch"]
     ddp = model
     if d.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    g = torch.Generator().manual_seed(args.seed)
-    for _ in range(start_epoch):
-        torch.randperm(len(codes), generator=g)
+    g = common.shuffler(args.seed, len(codes), start_epoch)
+    step = start_epoch * steps_per_epoch
     settings = {"temperature": args.temperature, "cfg_scale": args.cfg_scale}
     test_x = model.training_inputs(tokens["test_codes"][:2000],
                                    tokens["test_labels"][:2000] + cfg.codebook_size)
@@ -168,6 +160,9 @@ def train(args: argparse.Namespace) -> Path:
         bar = common.progress(common.batches(len(codes), args.batch_size, d, g), d.main,
                               desc=f"epoch {epoch + 1}/{args.epochs}")
         for idx in bar:
+            lr = args.lr * lr_factor(step)
+            common.set_lr(opt, lr)
+            step += 1
             y = codes[idx].to(device)
             cls = labels[idx].to(device) + cfg.codebook_size
             drop = torch.rand(len(idx), device=device) < args.label_dropout
@@ -177,8 +172,7 @@ def train(args: argparse.Namespace) -> Path:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
         train_loss = common.all_mean(loss.item(), d, device)
         if d.main:
             model.eval()

@@ -22,12 +22,14 @@ from .common import (
     add_run_args,
     all_mean,
     batches,
-    load_states,
     pick_device,
     progress,
+    resume,
     save_states,
     seed_everything,
+    set_lr,
     setup_distributed,
+    shuffler,
 )
 from .data import load_dataset
 from .evaluation import Reference, add_reference_args, publish, tokenizer_report
@@ -157,26 +159,18 @@ def train(args: argparse.Namespace) -> Path:
     def lr_factor(s: int) -> float:  # linear warm-up, cosine to zero
         return min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
 
-    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)]
     modules: dict[str, torch.nn.Module] = {"model": model}
     optimizers = {"opt": opt}
     if vqgan:
         disc = PatchDiscriminator(cfg.channels, args.disc_width, args.disc_layers).to(device)
         disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr or args.lr, betas=betas)
-        scheds.append(torch.optim.lr_scheduler.LambdaLR(disc_opt, lr_factor))
         modules["disc"], optimizers["disc_opt"] = disc, disc_opt
-    start_epoch = 0
+    base_lr = {"opt": args.lr, "disc_opt": args.disc_lr or args.lr}
     state_path = run_dir / "state.safetensors"
-    if args.resume and state_path.is_file():
-        meta = load_states(state_path, modules, optimizers)
-        if meta.get("loss", "mse") != args.loss:
-            raise SystemExit(f"{state_path} holds a --loss {meta.get('loss', 'mse')} run, not {args.loss}")
-        start_epoch = meta["epoch"]
-        for _ in range(start_epoch * steps_per_epoch):
-            for sched in scheds:
-                sched.step()
-        if d.main:
-            print(f"resumed from {state_path} at epoch {start_epoch}")
+    meta = resume(state_path, modules, optimizers, args.resume, d.main)
+    if meta["epoch"] and meta.get("loss", "mse") != args.loss:
+        raise SystemExit(f"{state_path} holds a --loss {meta.get('loss', 'mse')} run, not {args.loss}")
+    start_epoch = meta["epoch"]
     ddp, ddisc = model, modules.get("disc")
     if d.world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -186,9 +180,7 @@ def train(args: argparse.Namespace) -> Path:
             ddisc = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
     fixed = data.test.floats()[:64].to(device)
     monitor = data.test.floats()[:1000].to(device)
-    g = torch.Generator().manual_seed(args.seed)
-    for _ in range(start_epoch):
-        torch.randperm(len(train_x), generator=g)  # keep the shuffles of a resumed run
+    g = shuffler(args.seed, len(train_x), start_epoch)
     last_layer = model.decoder.net[-1].weight
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
@@ -203,6 +195,8 @@ def train(args: argparse.Namespace) -> Path:
         for idx in bar:
             x = train_x[idx].to(device).float() / 255.0
             recon, codes, qloss, stats = ddp(x)
+            for name, o in optimizers.items():
+                set_lr(o, base_lr[name] * lr_factor(step))
             logs = {"usage": stats["usage"]}
             if vqgan:
                 rec = (recon - x).abs().mean()
@@ -231,8 +225,6 @@ def train(args: argparse.Namespace) -> Path:
                 d_loss.backward()
                 disc_opt.step()
                 logs["d"] = d_loss.item()
-            for sched in scheds:
-                sched.step()
             step += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
