@@ -2,9 +2,11 @@
 
 Each transformer gets `lanes` threads, each with its own `SlotSampler` (a static KV cache of
 rows). A lane loops: admit waiting images into free rows, run one step over the occupied
-rows (padded to a fixed size), hand out what finished. Images join at any step boundary
-and leave the moment their last token is picked, so a request never waits for another
-one's tail. Lanes pull from one shared FIFO, so whichever lane has room takes the next image.
+rows (padded to a fixed size), decode and hand out what finished. Images join at any step
+boundary and leave the moment their last token is picked, so a request never waits for
+another one's tail. Lanes pull from one shared FIFO, so whichever lane has room takes the
+next image. A lane decodes its finished images (and streamed previews) itself, at its own
+priority: through the tokenizer's batches they queued behind /encode on niced threads.
 
 The event loop only submits and cancels; lanes report back with `call_soon_threadsafe`.
 A ticket is the single source of truth for its request: which images are done, whether it
@@ -30,6 +32,7 @@ from models.slots import SlotSampler, compiled_steps, step_variants
 
 from .errors import RETRY_AFTER, ServiceError
 from .metrics import Metrics
+from .oom import split_on_oom
 
 log = logging.getLogger("taming.generation")
 
@@ -45,8 +48,10 @@ class Ticket:
     future: asyncio.Future
     arrival: float
     filtered: bool  # uses top-k or top-p: its lane steps with the sort
-    on_row: Callable[[int, int, np.ndarray], None] | None = None  # (image, row, tokens)
+    # (image, row, tokens, preview): the preview decodes the rows so far, black below
+    on_row: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None
     tokens: np.ndarray = field(init=False)
+    images: np.ndarray | None = None  # (n, H, W, C) uint8, filled as images finish
     left: int = field(init=False)  # images not finished
     cancelled: str | None = None  # why it must leave (client_gone, deadline)
     started: float | None = None  # when its first image entered a slot (loop.time())
@@ -133,10 +138,13 @@ class Lane:
                 joined = e._take(self)
                 if joined is None:
                     break
-                self._admit(joined)
-                if not self.active:
-                    continue
-                self._step()
+                try:
+                    self._admit(joined)
+                    if self.active:
+                        self._step()
+                except Exception as exc:  # a bug or a device fault: its images fail, not the lane
+                    held = {id(im): im for im in [*joined, *self.active]}
+                    self._fail(list(held.values()), exc)
 
     def _admit(self, joined: list[_Image]) -> None:
         if not joined:
@@ -193,6 +201,8 @@ class Lane:
             host = out[wanted].cpu().numpy() if out.device.type != "cpu" else out[wanted].numpy()
             at = {r: host[i] for i, r in enumerate(wanted)}
         dt = time.perf_counter() - t0
+        if rows_done or finished:  # while they still hold their rows: a fault fails them
+            pictures = e.pictures(rows_done, finished, at)
         m = e.metrics
         m.step_duration.labels(e.name, str(size)).observe(dt)
         m.batch_size.labels("generate", e.name).observe(len(self.active))
@@ -201,8 +211,21 @@ class Lane:
             self.active = [im for im in self.active if id(im) not in done]
             self._release(finished)
         if rows_done or finished:
-            e._deliver(self, [(im, at[im.cond]) for im in rows_done],
-                       [(im, at[im.cond]) for im in finished])
+            e._deliver(rows_done, finished, at, pictures)
+
+    def _fail(self, images: list[_Image], exc: Exception) -> None:
+        """Every image the lane holds leaves, and their requests answer 500; the lane starts
+        over from empty rows."""
+        e = self.engine
+        log.error("generation lane %s/%d failed a step", e.name, self.index, exc_info=exc)
+        self.active, self.filtering = [], 0
+        self.sampler.release(list(range(self.sampler.capacity)))
+        self.free = list(range(self.sampler.capacity))
+        self._count_active()
+        error = ServiceError(500, "internal_error", f"model error: {type(exc).__name__}")
+        tickets = {id(im.ticket): im.ticket for im in images}
+        for t in tickets.values():
+            e._loop.call_soon_threadsafe(e.withdraw, t, "internal_error", error)
 
     def _release(self, images: list[_Image]) -> None:
         rows = [r for im in images for r in im.rows]
@@ -231,11 +254,14 @@ class GenerationEngine:
     def __init__(self, name: str, gpt: GPT, metrics: Metrics, *, slots: int, lanes: int,
                  compile: bool, max_queue: int, timeout_s: float,
                  compile_deadline: float = float("inf"),
+                 decode: Callable[[torch.Tensor], torch.Tensor],
                  on_thread: Callable[[], None] | None = None) -> None:
         cfg = gpt.config
         self.name = name
+        self.decode = decode  # int64 grids (B, rows, cols) on the model's device -> uint8 images
+        self.device = next(gpt.parameters()).device
         self.metrics = metrics
-        self.cols = cfg.grid[1]
+        self.rows, self.cols = cfg.grid
         self.seq_len = cfg.seq_len
         self.null_class = cfg.null_class
         self.codebook_size = cfg.codebook_size
@@ -298,7 +324,7 @@ class GenerationEngine:
 
     def submit(self, n: int, image: Callable[[int], SamplingBatch], *, guided: bool,
                grid: tuple[int, int], filtered: bool = True,
-               on_row: Callable[[int, int, np.ndarray], None] | None = None,
+               on_row: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
                admitted: bool = False) -> Ticket:
         """Queue one request of n images; `image(i)` builds image i's seeded row."""
         if not (self._accepting or admitted) or self._stopping:
@@ -318,19 +344,25 @@ class GenerationEngine:
         return ticket
 
     def cancel(self, ticket: Ticket, reason: str, error: ServiceError) -> None:
-        """The ticket's images leave at the next step; its handler gets `error` (a handler
-        that was itself cancelled has cancelled the future already)."""
+        """The ticket's images leave at the next step, counted as rejected for `reason`; its
+        handler gets `error` (a handler that was itself cancelled has cancelled the future
+        already)."""
+        if self.withdraw(ticket, reason, error):
+            self.metrics.rejected.labels(reason).inc()
+
+    def withdraw(self, ticket: Ticket, reason: str, error: ServiceError) -> bool:
+        """`cancel` without counting it; False when the ticket had left already."""
         if ticket.cancelled or ticket.finished is not None:
-            return
+            return False
         with self._lock:
             ticket.cancelled = reason
             before = len(self._waiting)
             self._waiting = deque(im for im in self._waiting if im.ticket is not ticket)
             self._waiting_images -= before - len(self._waiting)
             self.metrics.queue_depth.labels("generate", self.name).dec(before - len(self._waiting))
-        self.metrics.rejected.labels(reason).inc()
         if not ticket.future.done():
             ticket.future.set_exception(error)
+        return True
 
     def _expire(self, ticket: Ticket) -> None:
         if not ticket.future.done() or ticket.future.cancelled():
@@ -369,33 +401,96 @@ class GenerationEngine:
                 self.metrics.queue_depth.labels("generate", self.name).dec(len(joined))
             return joined
 
-    def _deliver(self, lane: Lane, rows: list[tuple[_Image, np.ndarray]],
-                 finished: list[tuple[_Image, np.ndarray]]) -> None:
-        """Copy picked codes into tickets (lane thread), then tell the event loop."""
+    def pictures(self, rows: list[_Image], finished: list[_Image],
+                 codes: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Finished images and the previews of streamed rows, by id of the image, decoded in
+        one batch on the lane's thread."""
+        streamed = [im for im in rows if im.ticket.on_row is not None]
+        at = {id(im): k for k, im in enumerate(finished)}  # a last row's preview: the image
+        grids = [codes[im.cond] for im in finished]
+        for im in streamed:
+            if id(im) not in at:  # the cells picked so far; code 0 below (blacked out after)
+                at[id(im)] = len(grids)
+                grids.append(np.where(np.arange(self.seq_len) < im.pos, codes[im.cond], 0))
+        if not grids:
+            return {}
+        images = self._decoded(np.stack(grids))
+        for im in streamed:
+            pic = images[at[id(im)]]
+            if not isinstance(pic, ServiceError):
+                pic[im.pos // self.cols * pic.shape[0] // self.rows:] = 0
+        return {key: images[k] for key, k in at.items()}
+
+    def _deliver(self, rows: list[_Image], finished: list[_Image], codes: dict[int, np.ndarray],
+                 pictures: dict[int, np.ndarray]) -> None:
+        """Copy codes and images into their tickets (lane thread), then tell the event loop.
+        A request with an image that could not be decoded fails with that error."""
+        failed = {id(im.ticket): (im.ticket, p) for im in rows + finished
+                  if isinstance(p := pictures.get(id(im)), ServiceError)}
+        for t, error in failed.values():
+            self._loop.call_soon_threadsafe(self.cancel, t, error.code, error)
         events = []
-        for im, codes in rows:
+        for im in rows:
+            if id(im.ticket) in failed:
+                continue
             r = im.pos // self.cols - 1
-            cells = codes[r * self.cols: (r + 1) * self.cols]
-            events.append((im.ticket, im.index, r, cells.copy()))
+            if im.ticket.on_row is None:  # the time to its first row only
+                events.append((im.ticket, im.index, r, None, None))
+            else:
+                events.append((im.ticket, im.index, r,
+                               codes[im.cond][r * self.cols: im.pos].copy(), pictures[id(im)]))
         done = []
-        for im, codes in finished:
-            t = im.ticket
-            t.tokens[im.index] = codes
-            t.left -= 1
-            if t.left == 0:
-                done.append(t)
+        with self._lock:  # two lanes may finish images of one ticket at once
+            for im in finished:
+                if id(im.ticket) in failed:
+                    continue
+                t, image = im.ticket, pictures[id(im)]
+                t.tokens[im.index] = codes[im.cond]
+                if t.images is None:
+                    t.images = np.zeros((t.n, *image.shape), dtype=image.dtype)
+                t.images[im.index] = image
+                t.left -= 1
+                if t.left == 0:
+                    done.append(t)
         self._loop.call_soon_threadsafe(self._report, events, done)
+
+    def _decoded(self, grids: np.ndarray) -> list[np.ndarray | ServiceError]:
+        """uint8 images of `grids`, halved on out-of-memory; an image that does not fit even
+        alone gets a 503 in its place (its request fails, the others carry on)."""
+        x = torch.from_numpy(grids).view(len(grids), self.rows, self.cols).to(self.device)
+        m = self.metrics
+
+        def run(lo: int, hi: int) -> np.ndarray:
+            t0 = time.perf_counter()
+            images = self.decode(x[lo:hi]).cpu().numpy()
+            m.batch_duration.labels("decode", self.name).observe(time.perf_counter() - t0)
+            m.batch_size.labels("decode", self.name).observe(hi - lo)
+            return images
+
+        def split(lo: int, hi: int) -> None:
+            m.oom_splits.labels("decode", self.name).inc()
+            log.warning("out of memory decoding %d images of %s: splitting", hi - lo, self.name)
+
+        def too_big(e: BaseException) -> ServiceError:
+            log.error("out of memory decoding a single image of %s", self.name)
+            return ServiceError(503, "out_of_memory", "out of memory even for one image",
+                                RETRY_AFTER)
+
+        out: list[np.ndarray | ServiceError] = []
+        for lo, hi, r in split_on_oom(run, 0, len(x), split, too_big):
+            out.extend([r] * (hi - lo) if isinstance(r, ServiceError) else list(r))
+        return out
 
     def _report(self, events: list, done: list[Ticket]) -> None:
         now = self._loop.time()
-        for ticket, image, row, cells in events:
+        for ticket, image, row, cells, preview in events:
             if ticket.cancelled or ticket.future.done():
                 continue
             if ticket.first_row is None:
                 ticket.first_row = now
                 self.metrics.time_to_first_row.labels(self.name).observe(now - ticket.arrival)
             if ticket.on_row is not None:
-                ticket.on_row(image, row, cells)
+                ticket.on_row(image, row, cells, preview)
         for ticket in done:
             if not ticket.future.done():
                 ticket.finished = now

@@ -115,6 +115,7 @@ class Service:
                 name, entry.bundle.gpt, self.metrics, slots=s.generate_slots,
                 lanes=lane_count(device, budget), compile=s.compile, compile_deadline=deadline,
                 max_queue=s.max_queue, timeout_s=s.request_timeout_s,
+                decode=entry.tokenizer.decode_pixels,
                 on_thread=partial(init_model_thread, device, threads))
             self.generators[name] = gen
             await gen.start()
@@ -136,7 +137,7 @@ class Service:
     async def stop(self) -> None:
         self.begin_drain()
         self.ready = False
-        for gen in self.generators.values():  # their decodes go through the collector
+        for gen in self.generators.values():
             await gen.close()
         if self.collector is not None:
             await self.collector.close()
@@ -225,10 +226,3 @@ class Service:
         """Free a ticket's slots at the next step (its client left, or its answer failed)."""
         self.generators[entry.name].cancel(ticket, reason, ServiceError(
             499, reason, "the client closed the connection"))
-
-    async def decode(self, entry: ModelEntry, tokens: np.ndarray) -> np.ndarray:
-        """Token grids (n, rows, cols) -> uint8 images, through the collector's decode batches;
-        part of a request already accepted, so never refused for a full queue."""
-        job = self.collector.submit(self.runners[(entry.name, "decode")], tokens.shape[1:],
-                                    tokens, len(tokens), admitted=True)
-        return (await self.collector.result(job))["images"]

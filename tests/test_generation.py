@@ -109,6 +109,12 @@ def test_streamed_rows_arrive_in_order_and_done_is_the_plain_answer(server):
         assert np.array_equal(preview, final)  # the last preview is the finished image
         first = png_array(base64.b64decode(mine[0]["png"]))
         assert not first[4:].any()  # below the first token row: not sampled yet, black
+        # the lane's decodes are the tokenizer's: the image, and the first row over code 0
+        for grid, image in ((tokens, final), ([tokens[0]] + [[0] * 7] * 6, first)):
+            dec = httpx.post(f"{server}/decode", json={"model": "mnist", "tokens": grid},
+                             timeout=60)
+            assert np.array_equal(png_array(dec.content)[:len(image) if image is final else 4],
+                                  image[:len(image) if image is final else 4])
     assert events[-1][1].encode() == plain.content
     done_png = base64.b64decode(json.loads(events[-1][1])["images"][0]["png"])
     assert np.array_equal(png_array(done_png), png_array(png.content))
@@ -190,6 +196,32 @@ def test_a_cancelled_handler_frees_its_slots():
     assert active == 0
     assert metric(m, "taming_slots_active", model="mnist") == 0
     assert metric(m, "taming_images_generated_total", model="mnist") == 0
+
+
+def test_a_failing_step_answers_500_and_the_engine_keeps_serving():
+    """A fault in a lane (here its decoder) fails the images it holds with 500, plain or
+    streamed, and the lane serves the next request as if nothing happened."""
+    app = create_app(settings(**serving_models(), compile=False))
+    ask = {"model": "mnist", "n": 3, "seed": 11}
+
+    def broken(grids):
+        raise RuntimeError("injected fault")
+
+    async def go():
+        async with async_client(app) as c:
+            engine = app.state.service.generators["mnist"]
+            good = await c.post("/generate", json=ask, headers=JSON)
+            engine.decode, real = broken, engine.decode
+            failed = [await c.post("/generate", json=ask, headers=h) for h in (JSON, STREAM)]
+            engine.decode = real
+            again = await c.post("/generate", json=ask, headers=JSON)
+            return good, failed, again, (await c.get("/metrics")).text
+
+    good, failed, again, m = asyncio.run(go())
+    for r in failed:
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert again.status_code == 200 and again.content == good.content
+    assert metric(m, "taming_slots_active", model="mnist") == 0
 
 
 def test_engine_metrics_are_exported(server):

@@ -617,8 +617,8 @@ def test_passed_deadline_over_http_is_504():
 
 @pytest.fixture
 def out_of_memory(monkeypatch):
-    """inject(app, limit): the app's collector runners run out of memory past `limit` rows,
-    as a CUDA device would (undone at teardown)."""
+    """inject(app, limit): the app's collector runners and the generation lanes' decoder run
+    out of memory past `limit` rows, as a CUDA device would (undone at teardown)."""
     def inject(app, limit: int) -> None:
         for runner in app.state.service.runners.values():
             def run(batch, lo, hi, real=runner.run):
@@ -626,6 +626,12 @@ def out_of_memory(monkeypatch):
                     raise RuntimeError(OOM)
                 return real(batch, lo, hi)
             monkeypatch.setattr(runner, "run", run)
+        for engine in app.state.service.generators.values():
+            def decode(grids, real=engine.decode):
+                if len(grids) > limit:
+                    raise RuntimeError(OOM)
+                return real(grids)
+            monkeypatch.setattr(engine, "decode", decode)
     return inject
 
 
@@ -657,6 +663,29 @@ def test_out_of_memory_splits_and_answers_the_same(out_of_memory):
                       le="2.0") == forwards
 
 
+def test_out_of_memory_in_a_generation_lane_splits_its_decode_and_answers_the_same(
+        out_of_memory):
+    """Eight images finish at one step and their decode runs out of memory past two."""
+    ask = {"seed": 5, "n": 8, "label": 4}
+
+    async def fetch(limit: int | None):
+        app = create_app(settings(**tiny_models("mnist")))
+        async with async_client(app) as c:
+            if limit is not None:
+                out_of_memory(app, limit)
+            r = await c.post("/generate", json=ask, headers=JSON)
+            assert r.status_code == 200, r.text
+            return r.json(), (await c.get("/metrics")).text
+
+    plain, _ = run(fetch(None))
+    split, text = run(fetch(2))
+    assert split == plain
+    assert metric(text, "taming_oom_splits_total", operation="decode", model="mnist") >= 3
+    forwards, images = _batches(text, "decode")
+    assert images == 8 and metric(text, "taming_batch_size_bucket", operation="decode",
+                                  model="mnist", le="2.0") == forwards
+
+
 def test_out_of_memory_on_a_single_image_is_503_and_the_server_keeps_serving(out_of_memory):
     app = create_app(settings(**tiny_models("mnist")))
 
@@ -671,6 +700,15 @@ def test_out_of_memory_on_a_single_image_is_503_and_the_server_keeps_serving(out
             assert metric(text, "taming_rejected_total", reason="out_of_memory") == 1
             # a sampled image whose decode cannot fit: the same answer, not a 500
             assert_error(await c.post("/generate", json={"seed": 1}), 503, "out_of_memory")
+            assert_error(await c.post("/generate", json={"seed": 1}, headers={
+                "Accept": "text/event-stream"}), 503, "out_of_memory")
+            for _ in range(200):  # the streamed image leaves its lane at the next step
+                text = (await c.get("/metrics")).text
+                if metric(text, "taming_slots_active", model="mnist") == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert metric(text, "taming_rejected_total", reason="out_of_memory") == 3
+            assert metric(text, "taming_slots_active", model="mnist") == 0
     run(main())
 
 

@@ -76,8 +76,7 @@ async def generate(request: Request) -> Response:
     if svc.can_step(entry, payload.grid) and wants_stream(request):
         return await stream(request, svc, entry, payload, headers)
     if svc.can_step(entry, payload.grid):
-        tokens = await _sampled(request, svc, entry, payload)
-        images = await svc.decode(entry, tokens.reshape(-1, *payload.grid))
+        tokens, images = await _sampled(request, svc, entry, payload)
     else:  # a wider canvas: sliding-window sampling in the collector's lane
         out = await svc.run(request, entry, "generate", payload.grid, payload, payload.n)
         tokens, images = out["tokens"], out["images"]
@@ -125,13 +124,15 @@ def _count(svc, entry, payload: GeneratePayload) -> None:
     m.tokens_sampled.labels(entry.name).inc(payload.n * payload.grid[0] * payload.grid[1])
 
 
-async def _sampled(request: Request, svc, entry, payload: GeneratePayload) -> np.ndarray:
-    """Tokens (n, T) from the generation engine; a client that leaves frees its slots."""
+async def _sampled(request: Request, svc, entry, payload: GeneratePayload
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens (n, T) and images from the generation engine; a client that leaves frees its
+    slots."""
     ticket = svc.sample(request, entry, payload)
     watch = asyncio.ensure_future(_disconnected(request))
     watch.add_done_callback(lambda w: w.cancelled() or svc.cancel(entry, ticket, "client_gone"))
     try:
-        return await ticket.future
+        return await ticket.future, ticket.images
     finally:
         watch.cancel()
         svc.cancel(entry, ticket, "client_gone")  # a cancelled handler: its rows leave too
@@ -172,7 +173,6 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
         first.cancel()
         raise done.exception()
     grid = payload.grid
-    grids: dict[int, np.ndarray] = {}
 
     async def events():
         finished = False
@@ -191,15 +191,10 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
                         getter.cancel()
                         continue
                     row = getter.result()
-                image, r, cells = row
-                sofar = grids.setdefault(image, np.zeros(grid, dtype=np.int64))
-                sofar[r] = cells  # rows below: code 0 for now, blacked out in the preview
-                preview = (await svc.decode(entry, sofar[None]))[0]
-                preview[(r + 1) * entry.image_size[0] // grid[0]:] = 0
+                image, r, cells, preview = row
                 yield _event("row", dumps({"image": image, "row": r, "tokens": cells.tolist(),
                                            "png": b64png(preview)}))
-            tokens = done.result()
-            images = await svc.decode(entry, tokens.reshape(-1, *grid))
+            tokens, images = done.result(), ticket.images
             _count(svc, entry, payload)
             body = await svc.offload(partial(generate_json, entry.name, payload.seed,
                                              tokens=tokens, grid=grid), images,
