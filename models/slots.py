@@ -31,10 +31,11 @@ STEP_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 def padded_sizes(capacity: int, linear: bool = False) -> tuple[int, ...]:
     """The row counts a sampler of `capacity` rows runs at, then capacity itself: powers of
-    two from 8, or with `linear` every multiple of 8 (on CPU a step costs about what its
-    rows cost, so padding 33 rows to 64 would double it; on a GPU it costs about the same
-    at any size, and each size is a graph to compile)."""
-    sizes = range(8, capacity, 8) if linear else (s for s in STEP_SIZES if s < capacity)
+    two from 8, or with `linear` 2 (one guided image) and every multiple of 4 (on CPU a step
+    costs about what its rows cost, so padding 2 rows to 8 or 18 to 24 makes it dearer; on a
+    GPU it costs about the same at any size, and each size is a graph to compile)."""
+    sizes = (s for s in (2, *range(4, capacity, 4)) if s < capacity) if linear else (
+        s for s in STEP_SIZES if s < capacity)
     return (*sizes, capacity)
 
 

@@ -103,8 +103,10 @@ class Lane:
             e.on_thread()
         with torch.inference_mode():
             compiled = compiled_steps(self.sampler) if e.compile else None
-            # CUDA graphs: a first call warms up, the second records the graph
-            calls = 3 if self.sampler.out.device.type == "cuda" else 1
+            # three calls each: on CUDA a first call warms up and the second records the
+            # graph; on CPU TorchScript's executor profiles the second and third (10-40 ms
+            # each), which a lane serving its first load would otherwise pay
+            calls = 3
             wanted = [(size, f) for size in self.sampler.sizes for f in self.variants]
             for size, filtered in wanted:
                 if compiled is not None and time.monotonic() < e.compile_deadline:
