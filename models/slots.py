@@ -31,10 +31,12 @@ STEP_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 def padded_sizes(capacity: int, linear: bool = False) -> tuple[int, ...]:
     """The row counts a sampler of `capacity` rows runs at, then capacity itself: powers of
-    two from 8, or with `linear` 2 (one guided image) and every multiple of 4 (on CPU a step
-    costs about what its rows cost, so padding 2 rows to 8 or 18 to 24 makes it dearer; on a
-    GPU it costs about the same at any size, and each size is a graph to compile)."""
-    sizes = (s for s in (2, *range(4, capacity, 4)) if s < capacity) if linear else (
+    two from 8, or with `linear` 2 (one guided image), every multiple of 4 up to 32, then of
+    8 (on CPU a step costs about what its rows cost, so padding 2 rows to 8 or 18 to 24 makes
+    it dearer; past 32 rows a coarser step pads a few percent, and each size is a graph built
+    at start-up; on a GPU a step costs about the same at any size)."""
+    fine = (2, *range(4, 32, 4), *range(32, capacity, 8))
+    sizes = (s for s in fine if s < capacity) if linear else (
         s for s in STEP_SIZES if s < capacity)
     return (*sizes, capacity)
 
