@@ -269,10 +269,9 @@ async def engine_figures(compiled: Process, out: dict, d: float, rounds: int,
 
 async def open_loop_rounds(p: Process, d: float, rounds: int) -> dict:
     """The open-loop ratio, `rounds` times: each round measures its own capacity and one-client
-    latency right before its arrivals. On a shared 2-core machine the speed drifts by a third
-    from minute to minute, and near saturation a rate fixed from an earlier minute's capacity
-    changes the utilisation it stands for, so one round alone says little; every round is
-    reported, and the median."""
+    latency right before its arrivals. A shared machine's speed drifts from minute to minute,
+    and near saturation a rate fixed from an earlier minute's capacity stands for another
+    utilisation, so one round alone says little; every round is reported, and the median."""
     results = []
     for i in range(rounds):
         cap = (await level(p, "/generate", 64, d))["throughput"]
