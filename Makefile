@@ -64,6 +64,7 @@ bench: install data
 	$(PY) bench/sampler.py
 	$(PY) bench/serve.py
 	$(PY) bench/overload.py
+	$(PY) bench/gc_pause.py
 	bash bench/fuzz.sh
 
 # Offline wheelhouse for a CUDA host (CPython $(GPU_PYTHON), manylinux x86-64): every serving

@@ -3,10 +3,14 @@ same load, levels interleaved so that drift hits both alike.
 
     git worktree add /tmp/base <commit>
     python bench/ab.py --base /tmp/base --op encode --clients 1,64 [--rounds 3] [--duration 6]
+    python bench/ab.py --base /tmp/base --op generate --clients 1 --rates 60,120,160
 
 Each side runs `python -m service` from its own checkout with default settings and the
 shipped mnist model; /generate, /encode and /decode requests as in bench/serve.py (one image
-each). Prints throughput and p50 per side and level, and the ratio. Not a test.
+each), each side measured alone (the other one stopped). Prints throughput and p50 per side
+and level, and the ratio. `--rates`: then Poisson arrivals of one-image /generate requests at
+each rate (bench/generate.py's open loop, 3x the duration), mean and p99 latency per side.
+Not a test.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import Process  # noqa: E402
+from generate import Process, open_loop  # noqa: E402
 from serve import ROOT, free_port, load_level, request_makers  # noqa: E402
 
 from models.checkpoint import load_bundle  # noqa: E402
@@ -39,7 +48,10 @@ async def main() -> None:
     ap.add_argument("--clients", default="1,64")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=6.0)
+    ap.add_argument("--rates", default="", help="open-loop requests/s for /generate, e.g. 60,120")
     args = ap.parse_args()
+    if args.rates and args.op != "generate":
+        ap.error("--rates needs --op generate")
     make = request_makers("mnist", load_bundle(ROOT / "checkpoints" / "mnist"))[args.op]
     sides = {"base": server(args.base.resolve()), "this": server(ROOT)}
     for p in sides.values():
@@ -50,8 +62,9 @@ async def main() -> None:
             runs: dict[str, list] = {"base": [], "this": []}
             for _ in range(args.rounds):
                 for name, p in sides.items():
-                    runs[name].append(await load_level("127.0.0.1", p.port, make, c, 1.0,
-                                                       args.duration))
+                    with alone(sides, name):
+                        runs[name].append(await load_level("127.0.0.1", p.port, make, c, 1.0,
+                                                           args.duration))
             mean = {k: round(sum(r["throughput"] for r in v) / len(v), 1) for k, v in runs.items()}
             out["levels"][c] = {"runs": runs, "mean": mean,
                                 "this_over_base": round(mean["this"] / mean["base"], 3)}
@@ -59,12 +72,52 @@ async def main() -> None:
                   f"img/s, ratio {out['levels'][c]['this_over_base']} "
                   f"(p50 {[r['p50_ms'] for r in runs['base']]} vs "
                   f"{[r['p50_ms'] for r in runs['this']]} ms)", flush=True)
+        for rate in [float(x) for x in args.rates.split(",") if x]:
+            out.setdefault("open_loop", {})[rate] = await open_loop_ab(sides, rate, args)
     finally:
         for p in sides.values():
             p.stop()
     dest = ROOT / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"ab_{args.op}.json").write_text(json.dumps(out, indent=1))
+
+
+def full_collections(p: Process) -> int:
+    """The server's full (generation 2) garbage collections so far, from its /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{p.port}/metrics", timeout=10).text
+    line = next(x for x in text.splitlines()
+                if x.startswith('python_gc_collections_total{generation="2"}'))
+    return int(float(line.split()[-1]))
+
+
+@contextmanager
+def alone(sides: dict[str, Process], name: str) -> Iterator[None]:
+    """Every side but `name` stopped while `name` is measured."""
+    with ExitStack() as stack:
+        for other, p in sides.items():
+            if other != name:
+                stack.enter_context(p.paused())
+        yield
+
+
+async def open_loop_ab(sides: dict[str, Process], rate: float, args) -> dict:
+    """Poisson arrivals at `rate` on each side, rounds interleaved (the order alternates)."""
+    runs: dict[str, list] = {name: [] for name in sides}
+    for i in range(args.rounds):
+        for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+            with alone(sides, name):
+                before = full_collections(sides[name])
+                run = await open_loop(sides[name], rate, 3 * args.duration, seed=i)
+                run["full_gc"] = full_collections(sides[name]) - before
+                runs[name].append(run)
+    mean = {k: round(statistics.mean(r["mean_ms"] for r in v), 1) for k, v in runs.items()}
+    p99 = {k: round(statistics.mean(r["p99_ms"] for r in v), 1) for k, v in runs.items()}
+    print(f"open loop {rate:g} req/s: mean {mean['base']} vs {mean['this']} ms "
+          f"({[r['mean_ms'] for r in runs['base']]} vs {[r['mean_ms'] for r in runs['this']]}), "
+          f"p99 {p99['base']} vs {p99['this']} ms; full collections "
+          f"{[r['full_gc'] for r in runs['base']]} vs {[r['full_gc'] for r in runs['this']]}",
+          flush=True)
+    return {"runs": runs, "mean_ms": mean, "p99_ms": p99}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -121,6 +122,11 @@ class Service:
             await gen.start()
         if self.draining:
             self.begin_drain()
+        # what start-up built lives as long as the process: out of the collector's sight, a
+        # full collection under load scans what requests made, not the models and libraries
+        # (scanning those held the GIL, so every lane and the event loop, that long)
+        gc.collect()
+        gc.freeze()
         self.ready = True
         log.info("ready: %s on %s", ", ".join(self.models), device)
 
@@ -137,6 +143,7 @@ class Service:
     async def stop(self) -> None:
         self.begin_drain()
         self.ready = False
+        gc.unfreeze()  # what this service held can be collected again (tests build many)
         for gen in self.generators.values():
             await gen.close()
         if self.collector is not None:

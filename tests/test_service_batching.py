@@ -6,6 +6,7 @@ requests, and that seeded results do not depend on their company."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
@@ -385,6 +386,21 @@ def test_tokenizer_threads_run_at_a_lower_priority_on_cpu_and_lanes_do_not():
     assert niceness(threading.get_native_id()) == base  # the event loop's thread keeps its own
 
 
+
+
+def test_full_collections_while_serving_skip_what_start_up_loaded():
+    """Start-up's objects (models, libraries) are frozen out of the garbage collector while the
+    service runs, so a full collection under load scans only what requests made; after
+    shutdown the collector sees them again."""
+    app = create_app(settings(**tiny_models("mnist"), compile=False))
+    with TestClient(app) as c:
+        gpt = app.state.service.models["mnist"].bundle.gpt
+        assert c.post("/generate", json={"model": "mnist", "seed": 1}).status_code == 200
+        assert gc.get_freeze_count() > 0
+        gc.collect()  # a full collection during service: the model is not among its objects
+        assert not any(o is gpt for o in gc.get_objects())
+    assert gc.get_freeze_count() == 0
+    assert any(o is gpt for o in gc.get_objects())
 def test_a_batch_that_runs_alone_waits_a_share_of_its_run_for_company(bench):
     e = bench.collector(max_batch_size=8, max_wait=0, arrivals=Arrivals())
 
