@@ -121,18 +121,26 @@ def test_streamed_rows_arrive_in_order_and_done_is_the_plain_answer(server):
 
 
 def test_a_request_arriving_mid_batch_starts_at_the_next_step(server):
-    """48 images sample; one more arrives halfway: its first row comes long before the 48
-    finish, and it finishes in about one sampling time, not after theirs plus its own."""
+    """48 images sample; one more arrives once they hold their slots: its first row comes long
+    before the 48 finish, and it finishes in about one sampling time, not after theirs plus
+    its own."""
     def crowd():
         httpx.post(f"{server}/generate", json={"model": "mnist", "n": 48, "seed": 1},
                    timeout=120)
         return time.monotonic()
 
+    def sampling() -> float:
+        return metric(httpx.get(f"{server}/metrics").text, "taming_slots_active", model="mnist")
+
     t0 = time.monotonic()
     alone_48 = crowd() - t0
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(crowd)
-        time.sleep(alone_48 / 2)
+        # arrive while the crowd samples (half its answer time could fall after its last
+        # step: decoding and tiling 48 images take a good part of it on a fast machine)
+        while sampling() < 48 and not first.done():
+            time.sleep(0.001)
+        assert not first.done()
         t1 = time.monotonic()
         with httpx.stream("POST", f"{server}/generate", json={"model": "mnist", "seed": 2},
                           headers=STREAM, timeout=120) as s:

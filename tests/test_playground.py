@@ -258,14 +258,16 @@ def test_streaming_grows_the_image_row_by_row(watched):
     page = watched.open().page
     page.select_option("#label", "8")
     page.fill("#seed", "4")
+    # every value src took: each record's old value is the one before it (an observer's
+    # callback can carry several records when rows arrive together)
     page.evaluate("""() => {
-        window.shown = [];
+        window.olds = [];
         const img = document.querySelector('#result');
-        new MutationObserver(() => window.shown.push(img.src))
-            .observe(img, {attributes: true, attributeFilter: ['src']});
+        new MutationObserver((records) => records.forEach((r) => window.olds.push(r.oldValue)))
+            .observe(img, {attributes: true, attributeFilter: ['src'], attributeOldValue: true});
     }""")
     watched.generate()
-    shown = page.evaluate("window.shown")
+    shown = page.evaluate("[...window.olds.slice(1), document.querySelector('#result').src]")
     # one preview per token row, then the final image
     assert len(set(shown)) >= 7, len(shown)
     assert watched.posts("/generate")[-1].headers["accept"].startswith("text/event-stream")
