@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import Process, open_loop  # noqa: E402
-from serve import ROOT, free_port, load_level, request_makers  # noqa: E402
+from serve import ROOT, free_port, load_level, metric_sum, request_makers  # noqa: E402
 
 from models.checkpoint import load_bundle  # noqa: E402
 
@@ -85,9 +85,7 @@ async def main() -> None:
 def full_collections(p: Process) -> int:
     """The server's full (generation 2) garbage collections so far, from its /metrics."""
     text = httpx.get(f"http://127.0.0.1:{p.port}/metrics", timeout=10).text
-    line = next(x for x in text.splitlines()
-                if x.startswith('python_gc_collections_total{generation="2"}'))
-    return int(float(line.split()[-1]))
+    return int(metric_sum(text, "python_gc_collections_total", generation="2"))
 
 
 @contextmanager

@@ -47,7 +47,6 @@ def main() -> None:
         frozen = {"tracked_objects": len(gc.get_objects()), "pause_ms": pause_ms(args.repeat)}
         gc.unfreeze()  # as before the service froze them: every object in the full collection
         thawed = {"tracked_objects": len(gc.get_objects()), "pause_ms": pause_ms(args.repeat)}
-        gc.freeze()
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "frozen": frozen, "not_frozen": thawed}
     print(json.dumps(out))

@@ -386,8 +386,6 @@ def test_tokenizer_threads_run_at_a_lower_priority_on_cpu_and_lanes_do_not():
     assert niceness(threading.get_native_id()) == base  # the event loop's thread keeps its own
 
 
-
-
 def test_full_collections_while_serving_skip_what_start_up_loaded():
     """Start-up's objects (models, libraries) are frozen out of the garbage collector while the
     service runs, so a full collection under load scans only what requests made; after
@@ -401,6 +399,8 @@ def test_full_collections_while_serving_skip_what_start_up_loaded():
         assert not any(o is gpt for o in gc.get_objects())
     assert gc.get_freeze_count() == 0
     assert any(o is gpt for o in gc.get_objects())
+
+
 def test_a_batch_that_runs_alone_waits_a_share_of_its_run_for_company(bench):
     e = bench.collector(max_batch_size=8, max_wait=0, arrivals=Arrivals())
 
