@@ -12,6 +12,17 @@ Window convention (pinned by tests/test_gpt.py): with window (wr, wc), the query
 (predicting cell (r, c)) sees the key at position q iff q == 0 (the class token), or q == p
 (itself), or q < p and the key's cell (r', c') = cell q - 1 satisfies r - r' < wr and
 |c - c'| <= wc // 2. Full causal attention is any window with wr >= rows and wc >= 2*cols - 1.
+
+Positions (`positions`): "absolute" adds a learned embedding of each position's row and column
+in the training grid (the shipped 28x28 models). "relative" adds none; instead each head adds
+a learned bias to its attention scores that depends only on the offset (r - r', c - c') between
+the query's cell and the key's, plus one bias for the class token and one for a position's own
+key where the window leaves it out (the first column, whose input is the previous row's last
+cell). A relative model never learns where in the training crop a cell is, so a key computed
+once stays valid wherever the window later sits over a larger canvas.
+
+The cached forward (`forward_cached`) runs one query per row against that row's own KV cache:
+the step of the serving engine (models/slots.py) and of the training-grid sampler.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 128
     dropout: float = 0.1
+    positions: str = "absolute"  # or "relative"; see the module docstring
 
     def __post_init__(self) -> None:
         self.grid = tuple(self.grid)
@@ -42,6 +54,8 @@ class GPTConfig:
             raise ValueError("d_model must be divisible by n_head")
         if self.window[0] < 1 or self.window[1] < 1:
             raise ValueError(f"window must be positive, got {self.window}")
+        if self.positions not in ("absolute", "relative"):
+            raise ValueError(f"positions must be 'absolute' or 'relative', got {self.positions!r}")
 
     @property
     def seq_len(self) -> int:
@@ -80,6 +94,25 @@ def window_mask(grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
+def relative_index(grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
+    """(T, T) index into a head's relative biases: wr * wc window offsets, then the class
+    token (wr * wc), then a position's own key outside the window (wr * wc + 1); entries the
+    window mask leaves out hold 0 (masked anyway)."""
+    rows, cols = grid
+    wr, wc = window
+    T = rows * cols
+    p = torch.arange(T)
+    r, c = p // cols, p % cols
+    kr, kc = (p - 1) // cols, (p - 1) % cols
+    dr = r[:, None] - kr[None, :]
+    dc = c[:, None] - kc[None, :] + wc // 2
+    inside = (dr >= 0) & (dr < wr) & (dc >= 0) & (dc < wc)
+    idx = torch.where(inside, dr * wc + dc, torch.zeros_like(dr))
+    idx = torch.where(torch.eye(T, dtype=torch.bool) & ~inside, wr * wc + 1, idx)
+    idx[:, 0] = wr * wc
+    return idx
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -89,6 +122,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        """`mask`: (L, L) bool in training (absolute positions); else additive, (H, L, L) with
+        H 1 or n_head."""
         B, L, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
@@ -97,15 +132,32 @@ class CausalSelfAttention(nn.Module):
         if self.training:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
         else:
-            # `mask` is additive here (0 or -inf): scale, scores and mask are one baddbmm,
-            # the arithmetic of the slot sampler's cached step (models.slots)
+            # scale, scores and additive mask are one baddbmm: the arithmetic of `cached`
             T = k.shape[2]
+            mask = mask.expand(B, self.n_head, L, T).reshape(B * self.n_head, L, T)
             att = torch.baddbmm(mask, q.reshape(B * self.n_head, L, self.head_dim),
                                 k.reshape(B * self.n_head, T, self.head_dim).transpose(1, 2),
                                 alpha=1.0 / math.sqrt(self.head_dim))
             y = torch.bmm(att.softmax(dim=-1), v.reshape(B * self.n_head, T, self.head_dim))
             y = y.view(B, self.n_head, L, self.head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
+
+    def cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+               rows: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One query per row (x: (B, C)) at its own position: write its key and value into
+        its row of the cache (rows, heads, T, head_dim), attend over that row. `bias`:
+        (B * heads, 1, T) additive."""
+        B, C = x.shape
+        nh, hd = self.n_head, self.head_dim
+        q, k, v = self.qkv(x).split(C, dim=1)
+        cache_k[rows, :, pos] = k.view(B, nh, hd)
+        cache_v[rows, :, pos] = v.view(B, nh, hd)
+        T = cache_k.shape[2]
+        att = torch.baddbmm(bias, q.reshape(B * nh, 1, hd),
+                            cache_k[:B].reshape(B * nh, T, hd).transpose(1, 2),
+                            alpha=1.0 / math.sqrt(hd))
+        y = torch.bmm(att.softmax(dim=-1), cache_v[:B].reshape(B * nh, T, hd))
+        return self.proj(y.view(B, C))
 
 
 class MLP(nn.Module):
@@ -131,6 +183,10 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x), mask))
         return x + self.mlp(self.ln2(x))
 
+    def cached(self, x, cache_k, cache_v, rows, pos, bias):
+        x = x + self.attn.cached(self.ln1(x), cache_k, cache_v, rows, pos, bias)
+        return x + self.mlp(self.ln2(x))
+
 
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
@@ -138,8 +194,14 @@ class GPT(nn.Module):
         self.config = cfg
         rows, cols = cfg.grid
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.row_emb = nn.Embedding(rows, cfg.d_model)
-        self.col_emb = nn.Embedding(cols, cfg.d_model)
+        self.relative = cfg.positions == "relative"
+        if self.relative:  # per head: the window's offsets, the class token, the own key
+            wr, wc = cfg.window
+            self.rel_bias = nn.Parameter(torch.zeros(cfg.n_head, wr * wc + 2))
+            self.register_buffer("rel_index", relative_index(cfg.grid, cfg.window), persistent=False)
+        else:
+            self.row_emb = nn.Embedding(rows, cfg.d_model)
+            self.col_emb = nn.Embedding(cols, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -165,12 +227,30 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Ids at positions `pos` (same shape) -> their input vectors."""
+        x = self.tok_emb(idx)
+        if self.relative:
+            return x
+        return x + self.row_emb(self.pos_row[pos]) + self.col_emb(self.pos_col[pos])
+
+    def attention_bias(self, query_pos: torch.Tensor, keys: int) -> torch.Tensor:
+        """Additive scores (H, Q, keys) for queries at `query_pos` over key positions
+        [0, keys): 0 or -inf (absolute; H = 1), or the learned relative bias (H = n_head)."""
+        mask = self.mask_bias[query_pos, :keys][None]
+        if not self.relative:
+            return mask
+        return self.rel_bias[:, self.rel_index[query_pos, :keys]] + mask
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, L) ids at positions 0..L-1 -> (logits (B, L, K), loss)."""
         B, L = idx.shape
-        x = self.tok_emb(idx) + self.row_emb(self.pos_row[:L]) + self.col_emb(self.pos_col[:L])
-        x = self.drop(x)
-        mask = (self.mask if self.training else self.mask_bias)[:L, :L]
+        pos = torch.arange(L, device=idx.device)
+        x = self.drop(self.embed(idx, pos))
+        if self.training and not self.relative:
+            mask = self.mask[:L, :L]
+        else:
+            mask = self.attention_bias(pos, L)
         for blk in self.blocks:
             x = blk(x, mask)
         logits = self.head(self.ln_f(x))
@@ -178,6 +258,20 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
+
+    def forward_cached(self, token: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                       cache_k: tuple[torch.Tensor, ...], cache_v: tuple[torch.Tensor, ...]
+                       ) -> torch.Tensor:
+        """One token per row at its own position, over per-layer KV caches of shape
+        (rows, heads, T, head_dim) -> logits (B, K). Row i of the batch is cache row rows[i]."""
+        B = token.shape[0]
+        x = self.embed(token, pos)
+        T = cache_k[0].shape[2]
+        bias = self.attention_bias(pos, T)  # (H, B, T): each row's window over its own cache
+        bias = bias.transpose(0, 1).expand(B, self.config.n_head, T).reshape(-1, 1, T)
+        for blk, k, v in zip(self.blocks, cache_k, cache_v, strict=True):
+            x = blk.cached(x, k, v, rows, pos, bias)
+        return self.head(self.ln_f(x))
 
     def training_inputs(self, codes: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         """codes (B, T), class ids (B,) -> model input (B, T): [class, c0, ..., c_{T-2}]."""

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -29,3 +30,9 @@ def tile(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
         r, c = divmod(i, cols)
         out[r * (H + pad): r * (H + pad) + H, c * (W + pad): c * (W + pad) + W] = images[i]
     return out
+
+
+def tile_image(images: torch.Tensor, cols: int | None = None) -> Image.Image:
+    """(B, C, H, W) floats in [0, 1] -> one PIL mosaic, grayscale or RGB as the images are."""
+    mosaic = tile(to_uint8(images.cpu()), cols)
+    return Image.fromarray(mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic)

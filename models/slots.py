@@ -16,7 +16,6 @@ reference sampler, whichever rows run beside it and whenever it joined.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -154,18 +153,9 @@ class SlotSampler:
 def step(gpt: GPT, st: SlotState, size: int, filtered: bool = True) -> None:
     """Advance rows [0, size) by one token: forward, guide, pick, record, move on.
     `filtered`: some row may use top-k or top-p (without, the sort is skipped)."""
-    cfg = gpt.config
-    T = cfg.seq_len
+    T = gpt.config.seq_len
     rows, pos = st.row_ids[:size], st.pos[:size]
-    x = gpt.tok_emb(st.token[:size]) + gpt.row_emb(gpt.pos_row[pos]) + gpt.col_emb(
-        gpt.pos_col[pos])
-    mask = gpt.mask_bias[pos]  # (size, T): each row's own window over its own cache
-    n_head = cfg.n_head
-    hd = cfg.d_model // n_head
-    for blk, cache_k, cache_v in zip(gpt.blocks, st.cache_k, st.cache_v, strict=True):
-        x = x + _cached_attention(blk, blk.ln1(x), cache_k, cache_v, rows, pos, mask, n_head, hd)
-        x = x + blk.mlp(blk.ln2(x))
-    logits = gpt.head(gpt.ln_f(x))
+    logits = gpt.forward_cached(st.token[:size], pos, rows, st.cache_k, st.cache_v)
     # guidance within the batch of rows: partner == self (or scale 1) leaves a row as is
     uncond = logits[st.partner[:size]]
     scale = st.cfg_scale[:size, None]
@@ -178,24 +168,6 @@ def step(gpt: GPT, st: SlotState, size: int, filtered: bool = True) -> None:
     st.out[:size].scatter_(1, pos[:, None], picked[:, None])
     st.token[:size] = picked[st.owner[:size]]
     st.pos[:size] = (pos + 1).clamp(max=T - 1)
-
-
-def _cached_attention(blk, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, n_head: int,
-                      hd: int) -> torch.Tensor:
-    """One query per row at its own position: write its key and value, attend over its cache
-    (the arithmetic of the GPT's own attention: one additive baddbmm)."""
-    B, C = x.shape
-    q, k, v = blk.attn.qkv(x).split(C, dim=1)
-    cache_k[rows, :, pos] = k.view(B, n_head, hd)
-    cache_v[rows, :, pos] = v.view(B, n_head, hd)
-    T = cache_k.shape[2]
-    keys = cache_k[:B].reshape(B * n_head, T, hd)
-    att = torch.baddbmm(mask.repeat_interleave(n_head, 0)[:, None, :],
-                        q.reshape(B * n_head, 1, hd), keys.transpose(1, 2),
-                        alpha=1.0 / math.sqrt(hd))
-    y = torch.bmm(att.softmax(dim=-1), cache_v[:B].reshape(B * n_head, T, hd))
-    return blk.attn.proj(y.view(B, C))
 
 
 _COMPILED: dict[str, Callable] = {}

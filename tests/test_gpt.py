@@ -1,5 +1,6 @@
-"""The transformer: window convention, id layout, cached forward == full forward."""
+"""The transformer: window convention, id layout, relative positions."""
 
+import pytest
 import torch
 
 from models.gpt import GPT, GPTConfig, window_mask
@@ -31,3 +32,45 @@ def test_ids_never_collide_and_head_predicts_codes_only():
     assert min(ids) == 16 and len(ids) == 4 and cfg.vocab_size == 20
     logits, _ = GPT(cfg)(torch.tensor([[cfg.null_class, 1, 2, 3]]))
     assert logits.shape == (1, 4, 16)
+
+
+def _relative(n_layer: int) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(codebook_size=16, n_classes=0, grid=(4, 6), window=(2, 3), n_layer=n_layer,
+                    d_model=32, n_head=4, dropout=0.0, positions="relative")
+    m = GPT(cfg).eval()
+    with torch.no_grad():
+        m.rel_bias.normal_(0, 1.0)
+    return m
+
+
+def test_relative_positions_predict_a_cell_from_its_window_wherever_the_crop_sits():
+    # one layer: a cell's logits depend on its window alone, so two crops of one canvas that
+    # both hold a cell's window give it the same logits, at different places in the crop
+    m = _relative(1)
+    canvas = torch.randint(0, 16, (4, 8), generator=torch.Generator().manual_seed(1))
+    start = torch.tensor([m.config.null_class])
+
+    def logits(crop: torch.Tensor) -> torch.Tensor:
+        seq = torch.cat([start, crop.flatten()[:-1]])[None]
+        with torch.no_grad():
+            return m(seq)[0][0].view(4, 6, -1)
+
+    a, b = logits(canvas[:, :6]), logits(canvas[:, 2:])
+    # canvas column 4 is column 4 of crop a, column 2 of crop b; its window spans 3..5
+    assert torch.allclose(a[1:, 4], b[1:, 2], atol=1e-5)
+    assert not torch.allclose(a[1:, 4], a[1:, 3], atol=1e-3)  # and the test can tell cells apart
+
+
+@pytest.mark.parametrize("positions", ["absolute", "relative"])
+def test_relative_model_has_no_absolute_embeddings(positions):
+    cfg = GPTConfig(codebook_size=16, n_classes=2, grid=(2, 3), window=(2, 3), n_layer=1,
+                    d_model=16, n_head=2, positions=positions)
+    names = {n for n, _ in GPT(cfg).named_parameters()}
+    assert ("row_emb.weight" in names) == (positions == "absolute")
+    assert ("rel_bias" in names) == (positions == "relative")
+
+
+def test_unknown_positions_are_refused():
+    with pytest.raises(ValueError, match="positions"):
+        GPTConfig(positions="rope")

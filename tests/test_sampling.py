@@ -12,14 +12,16 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def tiny(window=(2, 3), grid=(3, 4)) -> GPT:
+def tiny(window=(2, 3), grid=(3, 4), positions="absolute") -> GPT:
     torch.manual_seed(0)
     cfg = GPTConfig(codebook_size=24, n_classes=4, grid=grid, window=window, n_layer=2,
-                    d_model=32, n_head=4, dropout=0.0)
+                    d_model=32, n_head=4, dropout=0.0, positions=positions)
     m = GPT(cfg).eval()
     # sharper logits than the random init, so top-k/top-p filters really bite
     with torch.no_grad():
         m.head.weight.mul_(40)
+        if positions == "relative":  # biases a trained model would have, not zeros
+            m.rel_bias.normal_(0, 1.0)
     return m
 
 
@@ -39,6 +41,14 @@ def mixed_batch(m: GPT, seed: int, sizes=(1, 2, 3)) -> SamplingBatch:
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
 def test_fast_sampler_equals_reference(window, seed):
     m = tiny(window)
+    batch = mixed_batch(m, seed, sizes=(1, 3, 2))
+    assert torch.equal(generate(m, batch), reference_generate(m, batch))
+
+
+@pytest.mark.parametrize("window", [(1, 1), (2, 3), (3, 9)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_sampler_equals_reference_with_relative_positions(window, seed):
+    m = tiny(window, positions="relative")
     batch = mixed_batch(m, seed, sizes=(1, 3, 2))
     assert torch.equal(generate(m, batch), reference_generate(m, batch))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import classifier, generator, perceptual, vqvae
+from . import classifier, generator, perceptual, scenes, vqvae
 from .data import DatasetError
 
 
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                         generator.add_args, generator.train),
         "evaluate-generator": ("class accuracy and domain FID of samples",
                                generator.add_eval_args, generator.evaluate),
+        "evaluate-scenes": ("photo crops: sliced Wasserstein distance of reconstructions and "
+                            "samples, beside its floor and a blur baseline", scenes.add_args,
+                            scenes.evaluate),
     }
     for name, (help_text, add_args, _) in commands.items():
         add_args(sub.add_parser(name, help=help_text))

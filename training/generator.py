@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from models.checkpoint import load_bundle, read_config, save_gpt
 from models.gpt import GPT, GPTConfig
-from models.images import tile, to_uint8
+from models.images import tile_image
 from models.sampling import SAMPLING_DEFAULTS, SamplingBatch, make_batch
 from models.slots import sample
 
@@ -36,6 +35,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-dropout", type=float, default=0.1, help="share of null-class rows (for guidance)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="default guidance written to config.json")
     p.add_argument("--temperature", type=float, default=1.0, help="default temperature for config.json")
+    p.add_argument("--positions", choices=["absolute", "relative"], default="absolute",
+                   help="relative: attention biases by window offset instead of absolute position "
+                        "embeddings, so a model trained on crops can slide over larger canvases "
+                        "with a KV cache (models/gpt.py)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="no class conditioning (photo data sets: their classes are photographs)")
+    p.add_argument("--crops", type=int, default=16384,
+                   help="photo data sets: crops an epoch, drawn afresh and tokenized as they train")
     p.add_argument("--augment", type=int, default=0,
                    help="add N randomly turned/zoomed/shifted copies of every training image "
                         "(small data sets: shipped MNIST uses 8)")
@@ -106,9 +113,9 @@ def sample_images(bundle, gpt: GPT, labels: list[int | None], seed: int, batch_s
 
 def _save_class_rows(bundle, gpt: GPT, path: Path, per_class: int, seed: int, settings: dict) -> None:
     n_classes = gpt.config.n_classes
-    labels = [c for c in range(n_classes) for _ in range(per_class)]
+    labels = [c for c in range(n_classes) for _ in range(per_class)] or [None] * 4 * per_class
     images, _ = sample_images(bundle, gpt, labels, seed, **settings)
-    Image.fromarray(tile(to_uint8(images.float() / 255), cols=per_class).squeeze(-1)).save(path)
+    tile_image(images.float() / 255, cols=per_class).save(path)
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -116,21 +123,28 @@ def train(args: argparse.Namespace) -> Path:
     common.seed_everything(args.seed)
     folder = Path(args.checkpoint)
     bundle = load_bundle(folder, device=device)
-    data = load_dataset(bundle.config["dataset"])
+    vq = bundle.vqvae.config
+    data = load_dataset(bundle.config["dataset"], vq.image_size, crops=args.crops, seed=args.seed)
     run_dir = Path(args.run_dir or Path("runs") / f"{folder.name}-gpt")
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.limit:
         data.train = Split(data.train.images[: args.limit], data.train.labels[: args.limit])
-    if d.main:
-        tokens = cached_tokens(bundle, data, run_dir, args.augment, args.seed)
-    if d.world > 1:
-        torch.distributed.barrier()
-        tokens = cached_tokens(bundle, data, run_dir, args.augment, args.seed)
-    codes, labels = tokens["train_codes"], tokens["train_labels"]
-    vq = bundle.vqvae.config
-    cfg = GPTConfig(codebook_size=vq.codebook_size, n_classes=len(data.classes), grid=vq.grid,
+    if data.streamed:  # photo crops: drawn and tokenized batch by batch, the test crops once
+        tokens = {"test_codes": tokenize(bundle.vqvae, data.test.images),
+                  "test_labels": data.test.labels}
+        codes, labels = data.train.images, data.train.labels
+    else:
+        if d.main:
+            tokens = cached_tokens(bundle, data, run_dir, args.augment, args.seed)
+        if d.world > 1:
+            torch.distributed.barrier()
+            tokens = cached_tokens(bundle, data, run_dir, args.augment, args.seed)
+        codes, labels = tokens["train_codes"], tokens["train_labels"]
+    classes = [] if args.unconditional else data.classes
+    cfg = GPTConfig(codebook_size=vq.codebook_size, n_classes=len(classes), grid=vq.grid,
                     window=tuple(int(w) for w in args.window.split(",")), n_layer=args.n_layer,
-                    n_head=args.n_head, d_model=args.d_model, dropout=args.dropout)
+                    n_head=args.n_head, d_model=args.d_model, dropout=args.dropout,
+                    positions=args.positions)
     model = GPT(cfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "emb" in n]
@@ -151,9 +165,14 @@ def train(args: argparse.Namespace) -> Path:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     g = common.shuffler(args.seed, len(codes), start_epoch)
     step = start_epoch * steps_per_epoch
+    if args.unconditional and args.cfg_scale != 1:
+        raise SystemExit("--cfg-scale needs classes: an unconditional model samples unguided")
     settings = {"temperature": args.temperature, "cfg_scale": args.cfg_scale}
-    test_x = model.training_inputs(tokens["test_codes"][:2000],
-                                   tokens["test_labels"][:2000] + cfg.codebook_size)
+
+    def class_ids(lab: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(lab, cfg.null_class) if args.unconditional else lab + cfg.codebook_size
+
+    test_x = model.training_inputs(tokens["test_codes"][:2000], class_ids(tokens["test_labels"][:2000]))
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.time()
@@ -163,8 +182,8 @@ def train(args: argparse.Namespace) -> Path:
             lr = args.lr * lr_factor(step)
             common.set_lr(opt, lr)
             step += 1
-            y = codes[idx].to(device)
-            cls = labels[idx].to(device) + cfg.codebook_size
+            y = (tokenize(bundle.vqvae, codes[idx]) if data.streamed else codes[idx]).to(device)
+            cls = class_ids(labels[idx]).to(device)
             drop = torch.rand(len(idx), device=device) < args.label_dropout
             cls = torch.where(drop, torch.full_like(cls, cfg.null_class), cls)
             _, loss = ddp(model.training_inputs(y, cls), targets=y)
@@ -182,12 +201,15 @@ def train(args: argparse.Namespace) -> Path:
             _save_class_rows(bundle, model, run_dir / f"samples_epoch{epoch + 1:03d}.png", 10,
                              args.seed, settings)
             save_gpt(folder, model, {
+                "classes": classes,
                 "sampling_defaults": dict(SAMPLING_DEFAULTS, **settings),
                 "training": dict(read_config(folder).get("training", {}), transformer={
                     "epochs": epoch + 1, "batch_size": args.batch_size, "lr": args.lr,
-                    "label_dropout": args.label_dropout, "augment_copies": args.augment,
+                    "label_dropout": 0.0 if args.unconditional else args.label_dropout,
+                    "augment_copies": args.augment, "positions": args.positions,
                     "seed": args.seed, "world_size": d.world,
-                    "train_sequences": len(codes), "device": str(device),
+                    "train_sequences": len(codes), "streamed_crops": data.streamed,
+                    "device": str(device),
                     "test_loss": round(float(test_loss), 4)})})
             print(json.dumps({"epoch": epoch + 1, "train_loss": round(train_loss, 4),
                               "test_loss": round(float(test_loss), 4),

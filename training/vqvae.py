@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from models.checkpoint import GPT_FILE, load_bundle, read_config, save_vqvae, write_config
-from models.images import tile, to_uint8
+from models.images import tile_image
 from models.vqvae import VQVAE, VQVAEConfig
 
 from .classifier import load_or_train_classifier
@@ -38,7 +37,14 @@ from .vqgan import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_lo
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="mnist | fashion-mnist | idx:DIR | folder:DIR")
+    p.add_argument("--dataset", required=True,
+                   help="mnist | fashion-mnist | landscapes | idx:DIR | folder:DIR | crops:DIR")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="photo data sets: side of the training crops (default 128)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="photo data sets: side of the images the checkpoint serves (default: the crop "
+                        "size; the tokenizer is convolutional, so it may train on smaller crops)")
+    p.add_argument("--crops", type=int, default=16384, help="photo data sets: training crops an epoch")
     p.add_argument("--out", required=True, help="checkpoint folder to write, e.g. checkpoints/mnist")
     add_run_args(p, lr=2e-3, run_dir_help="per-epoch PNGs and resume state (default runs/NAME)")
     p.add_argument("--codebook-size", type=int, default=256)
@@ -75,7 +81,7 @@ def _save_recon_png(model: VQVAE, x: torch.Tensor, path: Path) -> None:
     with torch.no_grad():
         recon = model(x)[0]
     pairs = torch.stack([x, recon], 1).flatten(0, 1)  # original beside its reconstruction
-    Image.fromarray(tile(to_uint8(pairs.cpu()), cols=16).squeeze(-1)).save(path)
+    tile_image(pairs, cols=16).save(path)
 
 
 def _psnr(model: VQVAE, x: torch.Tensor) -> float:
@@ -121,8 +127,10 @@ def carry_transformer(init: Path, out: Path) -> bool:
 def train(args: argparse.Namespace) -> Path:
     d, device = setup_distributed(args.device)
     seed_everything(args.seed)
-    data = load_dataset(args.dataset)
+    crop = (args.crop_size,) * 2 if args.crop_size else None
+    data = load_dataset(args.dataset, crop, crops=args.crops, seed=args.seed)
     train_x = data.train.images[: args.limit] if args.limit else data.train.images
+    image_size = (args.image_size,) * 2 if args.image_size else data.image_size
     out = Path(args.out)
     run_dir = Path(args.run_dir or Path("runs") / out.name)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,11 +144,11 @@ def train(args: argparse.Namespace) -> Path:
         init = load_bundle(args.init)
         model, init_training = init.vqvae.train().to(device), init.config.get("training", {}).get("vqvae")
         cfg = model.config
-        if (cfg.image_size, cfg.channels) != (data.image_size, data.channels):
+        if (cfg.image_size, cfg.channels) != (image_size, data.channels):
             raise SystemExit(f"--init {args.init}: a tokenizer for {cfg.image_size}x{cfg.channels} images")
     else:
         cfg = VQVAEConfig(
-            image_size=data.image_size, channels=data.channels, downsample=args.downsample,
+            image_size=image_size, channels=data.channels, downsample=args.downsample,
             widths=tuple(int(w) for w in args.widths.split(",")), res_blocks=args.res_blocks,
             codebook_size=args.codebook_size, code_dim=args.code_dim, quantizer=args.quantizer,
             beta=args.beta)
@@ -234,6 +242,7 @@ def train(args: argparse.Namespace) -> Path:
             save_states(state_path, modules, optimizers, {"epoch": epoch + 1, "loss": args.loss})
             _save_recon_png(model, fixed, run_dir / f"recon_epoch{epoch + 1:03d}.png")
             info = {"epochs": epoch + 1, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                    "train_crop": list(data.image_size),
                     "world_size": d.world, "train_images": len(train_x), "device": str(device)}
             if args.init:
                 info["init"] = {"from": args.init, "training": init_training,
