@@ -46,7 +46,13 @@ data/mnist_5k.csv.gz: | $(VENV)/.installed
 /usr/bin/chromium:
 	$(SUDO) apt-get install -y -q chromium >/dev/null || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null)
 
-data: data/mnist_5k.csv.gz /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The landscapes: nature photographs from three of Debian's wallpaper packages (the files are
+# listed in training/landscapes.txt; one of them stands for each package here).
+LANDSCAPE_PACKAGES := plasma-workspace-wallpapers mate-backgrounds lomiri-wallpapers
+/usr/share/backgrounds/mate/nature/Storm.jpg:
+	$(SUDO) apt-get install -y -q $(LANDSCAPE_PACKAGES) >/dev/null || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(LANDSCAPE_PACKAGES) >/dev/null)
+
+data: data/mnist_5k.csv.gz /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/backgrounds/mate/nature/Storm.jpg
 
 test: install data /usr/bin/prometheus /usr/bin/chromium
 	$(PY) -m ruff check models training service tests bench client
