@@ -187,38 +187,38 @@ def _config(entry: ModelEntry, op: str) -> dict:
 
 # ---- health and metadata ----------------------------------------------------------------
 @health_router.get("/health/live", summary="KServe v2: liveness", response_model=Live)
-async def v2_live() -> Response:
+async def server_live() -> Response:
     return _json({"live": True})
 
 
 @health_router.get("/health/ready", summary="KServe v2: readiness (models loaded, warmed up)",
                    response_model=Ready, responses=error_responses(V2Error, 503))
-async def v2_ready(request: Request) -> Response:
+async def server_ready(request: Request) -> Response:
     _check_ready(service_of(request))
     return _json({"ready": True})
 
 
 @router.get("", summary="KServe v2: server metadata", response_model=ServerMetadata,
             responses=error_responses(V2Error, 401))
-async def v2_server_metadata() -> Response:
+async def server_metadata() -> Response:
     return _json({"name": "taming-server", "version": __version__, "extensions": EXTENSIONS})
 
 
 @router.get("/models/{name}", summary="KServe v2: model metadata",
             response_model=ModelMetadata, responses=error_responses(V2Error, 400, 401, 404))
-async def v2_model_metadata(request: Request, name: str = NAME) -> Response:
+async def model_metadata(request: Request, name: str = NAME) -> Response:
     return _json(_metadata(*_model(request, name)))
 
 
 @router.get("/models/{name}/config", summary="Triton: model configuration",
             responses=error_responses(V2Error, 400, 401, 404))
-async def v2_model_config(request: Request, name: str = NAME) -> Response:
+async def model_configuration(request: Request, name: str = NAME) -> Response:
     return _json(_config(*_model(request, name)))
 
 
 @router.get("/models/{name}/ready", summary="KServe v2: model readiness",
             response_model=Ready, responses=error_responses(V2Error, 400, 401, 404, 503))
-async def v2_model_ready(request: Request, name: str = NAME) -> Response:
+async def model_ready(request: Request, name: str = NAME) -> Response:
     entry, op = _model(request, name)
     _check_ready(service_of(request))
     return _json({"name": f"{entry.name}-{op}", "ready": True})
@@ -228,7 +228,7 @@ async def v2_model_ready(request: Request, name: str = NAME) -> Response:
              openapi_extra=INFER_BODY, response_model=InferenceResponse,
              responses={200: {"content": {"application/octet-stream": _BINARY}},
                         **error_responses(V2Error, 400, 401, 404, 413, 415, 503, 504)})
-async def v2_infer(request: Request, name: str = NAME) -> Response:
+async def infer(request: Request, name: str = NAME) -> Response:
     svc = service_of(request)
     entry, op = _model(request, name)
     svc.check_room(entry, op)

@@ -127,7 +127,7 @@ ERRORS = error_responses(OpenAIError, 400, 401, 404, 413, 415, 503, 504)
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": ImageGenerationRequest.model_json_schema()}}}},
              response_model=ImagesResponse, responses=ERRORS)
-async def openai_create_image(request: Request) -> Response:
+async def create_image(request: Request) -> Response:
     svc = service_of(request)
     fields = await _json_fields(request)
     req, entry, size = _generate_request(svc, request, fields)
@@ -136,7 +136,7 @@ async def openai_create_image(request: Request) -> Response:
 
 @router.post("/images/variations", summary="OpenAI: variations of an uploaded image",
              openapi_extra=_VARIATION_FORM, response_model=ImagesResponse, responses=ERRORS)
-async def openai_create_variation(request: Request) -> Response:
+async def create_variation(request: Request) -> Response:
     svc = service_of(request)
     fields, blob = await _form_fields(request)
     keep = _keep(fields.pop("keep", None))
@@ -153,14 +153,14 @@ async def openai_create_variation(request: Request) -> Response:
 
 @router.get("/models", summary="OpenAI: the loaded models", response_model=OpenAIModelList,
             responses=error_responses(OpenAIError, 401))
-async def openai_list_models(request: Request) -> Response:
+async def openai_models(request: Request) -> Response:
     svc = service_of(request)
     return _json({"object": "list", "data": [_model(e) for e in svc.models.values()]})
 
 
 @router.get("/models/{model}", summary="OpenAI: one model", response_model=OpenAIModel,
             responses=error_responses(OpenAIError, 400, 401, 404))
-async def openai_get_model(request: Request,
+async def openai_model(request: Request,
                            model: str = Path(max_length=MAX_NAME, examples=["mnist"])
                            ) -> Response:
     return _json(_model(service_of(request).model(model, request)))
