@@ -17,7 +17,7 @@ from .deps import require_api_key
 from .front import InferenceRoutes
 from .middleware import RequestMiddleware
 from .registry import ModelEntry
-from .routers import decode, encode, generate, health, playground
+from .routers import decode, encode, generate, health, inference_v2, openai_images, playground
 from .routers import models as models_router
 from .settings import Settings, get_settings
 from .state import Service
@@ -30,7 +30,9 @@ sampler at every step.
 * `POST /generate` samples images (PNG by default; JSON with tokens under
   `Accept: application/json`; rows as they complete under `Accept: text/event-stream`).
 * `POST /encode` turns images into token grids; `POST /decode` turns grids back into images.
-* Every error is `{"error": {"code": ..., "message": ...}}`.
+* Every error is `{"error": {"code": ..., "message": ...}}`, but on the protocol routes:
+  the OpenAI Images API under `/v1` answers OpenAI's error shape, the Open Inference
+  Protocol (KServe v2) under `/v2` its own `{"error": "..."}`.
 """
 
 
@@ -78,9 +80,11 @@ def create_app(settings: Settings | None = None,
     # documents the key check of the inference routes (service/front.py makes it) and makes it
     # for /models; a server without keys pays nothing for it
     auth = [Depends(require_api_key)] if settings.api_keys else []
-    for r in (generate.router, encode.router, decode.router, models_router.router):
+    for r in (generate.router, encode.router, decode.router, models_router.router,
+              openai_images.router, inference_v2.router):
         app.include_router(r, dependencies=auth)
     app.include_router(health.router)
+    app.include_router(inference_v2.health_router)  # probes need no key, as /readyz
     docs.install(app)  # /docs with its assets served here, not from a CDN
     openapi.document_headers(app)
     app.include_router(playground.router)

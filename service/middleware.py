@@ -26,9 +26,11 @@ from .metrics import Metrics
 log = logging.getLogger("taming.http")
 
 LOG_KEY = "taming.log"
-INFERENCE = frozenset({"/generate", "/encode", "/decode"})
+INFERENCE = frozenset({"/generate", "/encode", "/decode", "/v1/images/generations",
+                       "/v1/images/variations", "/v2/models/{name}/infer"})
 ENDPOINTS = INFERENCE | {"/models", "/healthz", "/readyz", "/metrics", "/docs",
-                         "/openapi.json", "/docs/oauth2-redirect"}
+                         "/openapi.json", "/docs/oauth2-redirect", "/v1/models", "/v2",
+                         "/v2/health/live", "/v2/health/ready"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # generated ids: a random per-process prefix and a counter (unique, and cheaper than uuid4)
 _ID_PREFIX = secrets.token_hex(12)  # + 8 hex digits of counter: 32 characters, like a uuid
@@ -43,6 +45,14 @@ def endpoint_of(path: str) -> str:
         return path
     if path.startswith("/models/") and path.count("/") == 2:
         return "/models/{name}"
+    if path.startswith("/v1/models/") and path.count("/") == 3:
+        return "/v1/models/{model}"
+    if path.startswith("/v2/models/"):  # the protocol's model routes: /v2/models/{name}[/x]
+        tail = path.count("/")
+        if tail == 3:
+            return "/v2/models/{name}"
+        if tail == 4 and path.rsplit("/", 1)[1] in ("infer", "ready", "config"):
+            return "/v2/models/{name}/" + path.rsplit("/", 1)[1]
     if path.startswith("/docs/assets/"):
         return "/docs/assets"
     return "other"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -74,7 +75,14 @@ async def encode(request: Request) -> Response:
     entry = svc.model(model_param(request), request)
     svc.check_room(entry, "encode")  # before any multipart parsing or image decoding
     blobs = await _read_uploads(request, svc.settings.max_images)
+    tokens = await encode_uploads(request, svc, entry, blobs)
+    return Response(encode_json(entry.name, tokens), media_type="application/json")
+
+
+async def encode_uploads(request: Request, svc, entry, blobs: list[bytes]) -> np.ndarray:
+    """Image files -> token grids (N, rows, cols): the upload policy, then the tokenizer's
+    batches (this route and /v1/images/variations)."""
     x = await svc.offload(prepare, blobs, entry.channels, entry.image_size,
                           svc.settings.max_image_pixels, pixels=header_pixels(blobs))
     out = await svc.run(request, entry, "encode", None, x, len(blobs))
-    return Response(encode_json(entry.name, out["tokens"]), media_type="application/json")
+    return out["tokens"]

@@ -16,6 +16,7 @@ from ..bodies import body_schema, json_body
 from ..deps import service_of
 from ..errors import ServiceError, invalid
 from ..imaging import b64png, dumps, generate_json
+from ..registry import ModelEntry
 from ..runners import GeneratePayload
 from ..schemas import GenerateRequest, GenerateResponse
 from . import PNG_CONTENT, errors, images_response
@@ -66,24 +67,37 @@ SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}, "example": (
 async def generate(request: Request) -> Response:
     svc = service_of(request)
     req = await json_body(request, GenerateRequest, optional=True) or GenerateRequest()
+    entry, payload = admit(svc, request, req)
+    headers = {"X-Seed": str(payload.seed), "X-Model": entry.name}
+    if svc.can_step(entry, payload.grid) and wants_stream(request):
+        return await stream(request, svc, entry, payload, headers)
+    tokens, images = await sample_images(request, svc, entry, payload)
+    return await images_response(
+        request, svc, images, headers,
+        partial(generate_json, entry.name, payload.seed, tokens=tokens, grid=payload.grid))
+
+
+def admit(svc, request: Request, req: GenerateRequest) -> tuple[ModelEntry, GeneratePayload]:
+    """The model, room in its queue and checked settings: every way into generation (this
+    route, /v1/images and /v2 infer) passes here."""
     entry = svc.model(req.model, request)
     if not entry.can_generate:
         raise invalid(f"model {entry.name!r} has no trained transformer; it can only "
                       "/encode and /decode", "generator_unavailable")
     svc.check_room(entry, "generate", req.n)
-    payload = _payload(svc, entry, req)
-    headers = {"X-Seed": str(payload.seed), "X-Model": entry.name}
-    if svc.can_step(entry, payload.grid) and wants_stream(request):
-        return await stream(request, svc, entry, payload, headers)
+    return entry, _payload(svc, entry, req)
+
+
+async def sample_images(request: Request, svc, entry: ModelEntry, payload: GeneratePayload
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens (n, T) and images (n, H, W, C) of an admitted request."""
     if svc.can_step(entry, payload.grid):
         tokens, images = await _sampled(request, svc, entry, payload)
     else:  # a wider canvas: sliding-window sampling in the collector's lane
         out = await svc.run(request, entry, "generate", payload.grid, payload, payload.n)
         tokens, images = out["tokens"], out["images"]
     _count(svc, entry, payload)
-    return await images_response(
-        request, svc, images, headers,
-        partial(generate_json, entry.name, payload.seed, tokens=tokens, grid=payload.grid))
+    return tokens, images
 
 
 def _payload(svc, entry, req: GenerateRequest) -> GeneratePayload:

@@ -1,0 +1,321 @@
+"""The OpenAI Images API under /v1, for the `openai` client and the tools built on it.
+
+Thin adapters: a generation is a `GenerateRequest` handed to the same `admit` and
+`sample_images` as POST /generate, a variation the same `encode_uploads` as POST /encode and
+then a generation whose prefix is the first share of the image's tokens. So the same
+admission, batching, limits, deadlines, metrics and access log apply, and the same seed and
+class give the same pixels as /generate. Errors here have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`; 422s of the native API are 400s here, the
+status OpenAI's clients raise `BadRequestError` for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from ..deps import service_of
+from ..errors import CODES, ServiceError
+from ..imaging import b64png, dumps
+from ..registry import ModelEntry
+from ..schemas import MAX_NAME, GenerateRequest
+from .encode import encode_uploads
+from .generate import admit, sample_images
+from .protocol_route import ProtocolError, error_responses, protocol_route
+
+STARTED = int(time.time())  # `created` of every model: when this server process started
+MAX_PROMPT = 1000
+DEFAULT_KEEP = 0.5
+SAMPLING = ("model", "n", "seed", "temperature", "top_k", "top_p", "cfg_scale")
+GENERATION_FIELDS = frozenset({*SAMPLING, "prompt", "size", "response_format"})
+VARIATION_FIELDS = GENERATION_FIELDS | {"image", "keep"}
+
+
+def openai_error(status: int, code: str, message: str, param: str | None = None,
+                 headers: dict | None = None) -> Response:
+    """OpenAI's error body; the native API's 422 becomes a 400."""
+    status = 400 if status == 422 else status
+    kind = ("authentication_error" if status == 401 else "server_error" if status >= 500
+            else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return Response(json.dumps(body).encode(), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=protocol_route(openai_error))
+
+
+# ---- the contract, as /docs shows it ---------------------------------------------------
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error or server_error.")
+    param: str | None = Field(description="The request field at fault, when one is.")
+    code: str | None = Field(description="The native API's error code (docs/api.md).")
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class ImageGenerationRequest(BaseModel):
+    prompt: str = Field("", max_length=MAX_PROMPT, description=(
+        "A class of the model, by name or index (\"7\", \"Sneaker\"); empty for unconditional."))
+    model: str | None = Field(None, max_length=MAX_NAME, description="Default: the server's.")
+    n: int = Field(1, ge=1, le=64)
+    size: str | None = Field(None, description=(
+        "\"WxH\" in pixels: the model's size (default), or a larger canvas of whole tokens "
+        "up to max_grid (sliding-window sampling)."), examples=["28x28"])
+    response_format: str | None = Field("b64_json", description=(
+        "b64_json; url is refused (nothing is stored)."))
+    seed: int | None = Field(None, description="As in POST /generate: image i uses seed + i.")
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(description="Base64-encoded PNG.")
+    seed: int = Field(description="Seed that reproduces this image alone (n=1).")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str = "png"
+    size: str
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+    classes: list[str]
+    size: str = Field(description="The model's image size, WxH.")
+
+
+class OpenAIModelList(BaseModel):
+    object: str = "list"
+    data: list[OpenAIModel]
+
+
+_VARIATION_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP."},
+        "model": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 64},
+        "size": {"type": "string"}, "response_format": {"type": "string"},
+        "keep": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": (
+            f"Share of the image's tokens kept, in raster order (default {DEFAULT_KEEP}).")},
+        "prompt": {"type": "string", "description": "A class, as for generations."},
+        "seed": {"type": "integer"}, "temperature": {"type": "number"},
+        "top_k": {"type": "integer"}, "top_p": {"type": "number"},
+        "cfg_scale": {"type": "number"}}}}}}}
+
+ERRORS = error_responses(OpenAIError, 400, 401, 404, 413, 415, 503, 504)
+
+
+# ---- routes ------------------------------------------------------------------------------
+@router.post("/images/generations", summary="OpenAI: create images",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": ImageGenerationRequest.model_json_schema()}}}},
+             response_model=ImagesResponse, responses=ERRORS)
+async def create_image(request: Request) -> Response:
+    svc = service_of(request)
+    fields = await _json_fields(request)
+    req, entry, size = _generate_request(svc, request, fields)
+    return await _images(request, svc, req, size)
+
+
+@router.post("/images/variations", summary="OpenAI: variations of an uploaded image",
+             openapi_extra=_VARIATION_FORM, response_model=ImagesResponse, responses=ERRORS)
+async def create_variation(request: Request) -> Response:
+    svc = service_of(request)
+    fields, blob = await _form_fields(request)
+    keep = _keep(fields.pop("keep", None))
+    req, entry, size = _generate_request(svc, request, fields)
+    if req.grid is not None:
+        raise ProtocolError(400, "invalid_request", "variations are made at the model's size "
+                            f"{size}", "size")
+    admit(svc, request, req)  # the model generates, its settings hold, its queue has room
+    svc.check_room(entry, "encode")
+    tokens = (await encode_uploads(request, svc, entry, [blob]))[0].reshape(-1)
+    prefix = tokens[:int(keep * tokens.size)].tolist()
+    return await _images(request, svc, req.model_copy(update={"prefix": prefix or None}), size)
+
+
+@router.get("/models", summary="OpenAI: the loaded models", response_model=OpenAIModelList,
+            responses=error_responses(OpenAIError, 401))
+async def openai_models(request: Request) -> Response:
+    svc = service_of(request)
+    return _json({"object": "list", "data": [_model(e) for e in svc.models.values()]})
+
+
+@router.get("/models/{model}", summary="OpenAI: one model", response_model=OpenAIModel,
+            responses=error_responses(OpenAIError, 400, 401, 404))
+async def openai_model(request: Request,
+                           model: str = Path(max_length=MAX_NAME, examples=["mnist"])
+                           ) -> Response:
+    return _json(_model(service_of(request).model(model, request)))
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _json(obj: dict) -> Response:
+    return Response(dumps(obj), media_type="application/json")
+
+
+def _model(entry: ModelEntry) -> dict:
+    h, w = entry.image_size
+    return {"id": entry.name, "object": "model", "created": STARTED, "owned_by": "taming",
+            "classes": list(entry.bundle.classes), "size": f"{w}x{h}"}
+
+
+async def _json_fields(request: Request) -> dict:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise ServiceError(415, CODES[415], "send the body as JSON, with Content-Type: "
+                           "application/json")
+    try:
+        fields = json.loads(await request.body())
+    except (ValueError, RecursionError):
+        raise ProtocolError(400, "invalid_request", "the body is not valid JSON") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError(400, "invalid_request", "the body must be a JSON object")
+    _only(fields, GENERATION_FIELDS)
+    if "prompt" not in fields:
+        raise ProtocolError(400, "invalid_request", "prompt is required (a class name or "
+                            "index, or \"\" for unconditional images)", "prompt")
+    return fields
+
+
+async def _form_fields(request: Request) -> tuple[dict, bytes]:
+    """The multipart form the openai client sends: the image file and text fields."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data":
+        raise ServiceError(415, CODES[415], "send multipart/form-data with an `image` file")
+    try:
+        form = await request.form(max_files=1, max_fields=len(VARIATION_FIELDS))
+    except StarletteHTTPException as e:
+        raise ProtocolError(400, "invalid_request", f"bad multipart body: {e.detail}") from e
+    try:
+        fields: dict = {}
+        for key, value in form.multi_items():
+            if key in fields:
+                raise ProtocolError(400, "invalid_request", f"{key} is given twice", key)
+            fields[key] = await value.read() if isinstance(value, UploadFile) else value
+    finally:
+        await form.close()
+    _only(fields, VARIATION_FIELDS)
+    blob = fields.pop("image", None)
+    if not isinstance(blob, bytes) or not blob:
+        raise ProtocolError(400, "invalid_request", "image is required: upload one image file",
+                            "image")
+    return fields, blob
+
+
+def _only(fields: dict, known: frozenset) -> None:
+    """Nothing sent is dropped: an unknown field is refused, by name."""
+    for key in fields:
+        if key not in known:
+            raise ProtocolError(400, "invalid_request", f"unknown parameter {key!r}; this "
+                                f"endpoint takes {', '.join(sorted(known))}", key)
+
+
+def _keep(value) -> float:
+    if value is None:
+        return DEFAULT_KEEP
+    try:
+        keep = float(value)
+    except (TypeError, ValueError):
+        keep = -1.0
+    if not 0 <= keep < 1:
+        raise ProtocolError(400, "invalid_request", "keep must be a number in [0, 1)", "keep")
+    return keep
+
+
+def _generate_request(svc, request: Request, fields: dict
+                      ) -> tuple[GenerateRequest, ModelEntry, str]:
+    """OpenAI's fields -> the native request (validated by its own model), its model and the
+    size answered."""
+    form = request.headers.get("content-type", "").startswith("multipart/")
+    try:  # form fields are text: read them as /generate's JSON would carry them
+        req = GenerateRequest.model_validate({k: fields[k] for k in SAMPLING if k in fields},
+                                             strict=not form)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else None
+        raise ProtocolError(400, "invalid_request", f"{field}: {err['msg']}", field) from None
+    fmt = fields.get("response_format")
+    if fmt not in (None, "b64_json"):
+        raise ProtocolError(400, "unsupported_response_format", (
+            f"response_format {fmt!r} is not supported: this server stores no images, so it "
+            "has no URLs; use b64_json"), "response_format")
+    entry = svc.model(req.model, request)
+    label = _label(entry, fields.get("prompt", ""))
+    h, w = entry.image_size
+    size = fields.get("size") or "auto"
+    grid = None
+    if size != "auto":
+        grid = _grid(svc, entry, size)
+    else:
+        size = f"{w}x{h}"
+    return req.model_copy(update={"label": label, "grid": grid}), entry, size
+
+
+def _label(entry: ModelEntry, prompt) -> int | None:
+    """The prompt names a class, by name or index; empty: unconditional."""
+    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT:
+        raise ProtocolError(400, "invalid_request", f"prompt must be a string of at most "
+                            f"{MAX_PROMPT} characters", "prompt")
+    text = prompt.strip()
+    if not text:
+        return None
+    classes = list(entry.bundle.classes)
+    try:
+        return entry.class_index(text if text in classes or not text.isdigit() else int(text))
+    except ValueError:
+        raise ProtocolError(400, "invalid_request", (
+            f"prompt {text!r} is no class of model {entry.name!r}: it generates classes "
+            f"{classes} (name or index), or unconditional images for an empty prompt"),
+            "prompt") from None
+
+
+def _grid(svc, entry: ModelEntry, size) -> list[int] | None:
+    """"WxH" -> the token grid (None for the model's own size)."""
+    (h, w), (rows, cols) = entry.image_size, entry.grid
+    ds_h, ds_w = h // rows, w // cols
+    limit = svc.settings.max_grid
+    try:
+        width, height = (int(v) for v in str(size).lower().split("x"))
+    except ValueError:
+        width = height = -1
+    if (width, height) == (w, h):
+        return None
+    if (width < w or height < h or width % ds_w or height % ds_h
+            or width // ds_w > limit or height // ds_h > limit):
+        raise ProtocolError(400, "invalid_request", (
+            f"size {size!r} is not available: model {entry.name!r} makes {w}x{h} images, or "
+            f"larger canvases in steps of {ds_w}x{ds_h} pixels up to "
+            f"{limit * ds_w}x{limit * ds_h}"), "size")
+    return [height // ds_h, width // ds_w]
+
+
+async def _images(request: Request, svc, req: GenerateRequest, size: str) -> Response:
+    entry, payload = admit(svc, request, req)
+    _, images = await sample_images(request, svc, entry, payload)
+    body = await svc.offload(_images_json, images, payload.seed, size, pixels=images.size)
+    return Response(body, media_type="application/json",
+                    headers={"X-Seed": str(payload.seed), "X-Model": entry.name})
+
+
+def _images_json(images: np.ndarray, seed: int, size: str) -> bytes:
+    return dumps({"created": int(time.time()), "output_format": "png", "size": size,
+                  "data": [{"b64_json": b64png(im), "seed": seed + i}
+                           for i, im in enumerate(images)]})
