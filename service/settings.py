@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(False, description="Also require an API key for /metrics.")
     cors_origins: CommaList = Field(default_factory=list, description=(
         "Origins allowed by CORS; empty (the default) sends no CORS headers."))
+    header_timeout_s: float = Field(10.0, gt=0, description=(
+        "A connection must deliver a complete request header this long after it opens (or "
+        "after the first byte of its next request); past it the client gets 408 and the "
+        "connection closes. Requests in flight are not affected."))
 
     # operations
     log_level: str = Field("info", description="Log level of the server's own logs.")
