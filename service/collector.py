@@ -7,8 +7,9 @@ longest, lets the batch fill as the policy says (service.policy), and hands it t
 threads; the event loop never runs model work. One more batch than there are threads waits
 ready, so a thread never idles while the loop sends the previous batch's answers.
 
-Admission: a bounded queue (`max_queue` images: 503 past it), a deadline per job (504 when it
-passes while queued), jobs whose client went away are dropped before compute, and
+Admission (service.engine.admission, shared with the generation engines): a bound on the
+images queued everywhere (503 past it), a deadline per job (504 when it passes while
+queued); jobs whose client went away are dropped before compute, and
 out-of-memory splits a batch (service.oom). A job's state is its future: queued while its
 future is pending and it sits in a queue, finished once the future is done.
 """
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .engine.admission import Admission
 from .errors import RETRY_AFTER, ServiceError
 from .metrics import Metrics
 from .oom import split_on_oom
@@ -63,7 +65,6 @@ class Job:
     payload: Any
     size: int  # images
     arrival: float  # loop.time()
-    deadline: float
     future: asyncio.Future
     is_gone: Callable[[], Awaitable[bool]] | None = None
     timer: asyncio.TimerHandle | None = None
@@ -93,18 +94,16 @@ class Arrivals:
 
 class Collector:
     def __init__(self, metrics: Metrics, policy: BatchPolicy, *, device: str = "cpu",
-                 max_queue: int = 512, timeout_s: float = 30.0, workers: int = 1,
+                 admission: Admission | None = None, workers: int = 1,
                  on_thread: Callable[[], None] | None = None,
                  arrivals: Arrivals | None = None) -> None:
         self.metrics = metrics
         self.policy = policy
         self.arrivals = arrivals or Arrivals()
         self.device = device
-        self.max_queue = max_queue
-        self.timeout_s = timeout_s
+        self.admission = admission or Admission(metrics)
         self.workers = workers
-        self.queued_images = 0
-        self.accepting = True
+        self.queued_images = 0  # in this collector's queues (the admission counts every queue)
         self._queues: dict[tuple, _Queue] = {}
         self._closing = False
         self._waiter: asyncio.Future | None = None
@@ -131,13 +130,13 @@ class Collector:
 
     def drain(self) -> None:
         """Refuse new jobs; queued and running ones still finish (without waiting for company)."""
-        self.accepting = False
+        self.admission.drain()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake)
 
     async def close(self) -> None:
         """Drain: finish every queued job, then stop the worker and its threads."""
-        self.accepting = False
+        self.admission.drain()
         self._closing = True
         self._wake()
         if self._task is not None:
@@ -153,35 +152,21 @@ class Collector:
         `admitted`: part of a request the server already accepted (it arrived before
         draining began, or it is the decode of a sampled one): served whatever the queue.
         """
-        if not admitted:
-            if self._closing or not self.accepting:
-                self.metrics.rejected.labels("draining").inc()
-                raise ServiceError(503, "draining", "the server is shutting down", RETRY_AFTER)
-            self.check_room(size)
+        self.admission.admit(size, admitted, closing=self._closing and not admitted)
         loop = self._loop
         now = loop.time()
         key = (runner.model, runner.operation, shape)
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = _Queue(key, runner.operation, runner.model)
-        job = Job(runner, key, payload, size, now, now + self.timeout_s, loop.create_future(),
-                  is_gone)
-        job.timer = loop.call_at(job.deadline, self._expire, job)
+        job = Job(runner, key, payload, size, now, loop.create_future(), is_gone)
+        job.timer = self.admission.deadline(loop, now, self._expire, job)
         job.future.add_done_callback(lambda _: self._unqueue(job))
         q.jobs.append(job)
         self._count(q, size)
         if self._waiting_on is None or self._waiting_on is q:
             self._wake()  # idle, or filling this queue: check whether the batch can close
         return job
-
-    def check_room(self, size: int = 1) -> None:
-        """503 when the queue cannot take `size` more images (one job may always run alone).
-        Handlers ask before parsing a body too: under a retry storm a refusal stays cheap."""
-        if self.queued_images and self.queued_images + size > self.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ServiceError(503, "overloaded",
-                               f"the queue is full ({self.queued_images} images waiting)",
-                               RETRY_AFTER)
 
     async def result(self, job: Job) -> dict[str, np.ndarray]:
         """The job's arrays; a cancelled handler cancels its future, which unqueues it."""
@@ -190,6 +175,10 @@ class Collector:
     def _count(self, q: _Queue, n: int) -> None:
         q.images += n
         self.queued_images += n
+        if n > 0:
+            self.admission.enter(n)
+        else:
+            self.admission.leave(-n)
         # inc, not set: /generate's series also counts the generation engine's waiting images
         self.metrics.queue_depth.labels(q.operation, q.model).inc(n)
 
@@ -203,13 +192,12 @@ class Collector:
             self._count(q, -job.size)
 
     def _expire(self, job: Job) -> None:
-        self._reject(job, "deadline", ServiceError(
-            504, "deadline_exceeded",
-            f"the request waited {self.timeout_s:g} s in the queue without running"))
+        self._reject(job, "deadline", self.admission.timed_out(
+            f"the request waited {self.admission.timeout_s:g} s in the queue without running"))
 
     def _reject(self, job: Job, reason: str, exc: BaseException) -> None:
         if not job.future.done():
-            self.metrics.rejected.labels(reason).inc()
+            self.admission.reject(reason)
             job.future.set_exception(exc)
 
     def _wake(self) -> None:
@@ -253,7 +241,7 @@ class Collector:
             patience = policy.patience(_runs_alone(q), self._batch_s.get(q.key[:2], 0.0))
             self._waiting_on = q
             try:
-                while (q.images < policy.max_batch_size and self.accepting and q.jobs
+                while (q.images < policy.max_batch_size and self.admission.accepting and q.jobs
                        and q.jobs[0] is head):
                     left = head.arrival + patience - loop.time()
                     if left <= 0 or policy.close_early(self.arrivals.n, bool(self._running),
@@ -332,7 +320,7 @@ class Collector:
                 continue
             if isinstance(r, BaseException):
                 if isinstance(r, ServiceError) and r.code == "out_of_memory":
-                    self.metrics.rejected.labels("out_of_memory").inc()
+                    self.admission.reject("out_of_memory")
                 j.future.set_exception(r)
             else:
                 j.future.set_result(r)

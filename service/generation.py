@@ -30,6 +30,7 @@ from models.gpt import GPT
 from models.sampling import SamplingBatch
 from models.slots import SlotSampler, compiled_steps, step_variants
 
+from .engine.admission import Admission
 from .errors import RETRY_AFTER, ServiceError
 from .metrics import Metrics
 from .oom import split_on_oom
@@ -254,7 +255,7 @@ class GenerationEngine:
     """Continuous batching for one transformer: lanes of slots over shared waiting images."""
 
     def __init__(self, name: str, gpt: GPT, metrics: Metrics, *, slots: int, lanes: int,
-                 compile: bool, max_queue: int, timeout_s: float,
+                 compile: bool, admission: Admission,
                  compile_deadline: float = float("inf"),
                  decode: Callable[[torch.Tensor], torch.Tensor],
                  on_thread: Callable[[], None] | None = None) -> None:
@@ -269,17 +270,14 @@ class GenerationEngine:
         self.codebook_size = cfg.codebook_size
         self.compile = compile
         self.compile_deadline = compile_deadline  # time.monotonic(): later sizes stay eager
-        self.max_queue = max_queue
-        self.timeout_s = timeout_s
+        self.admission = admission
         self.on_thread = on_thread
         rows = 2 * slots  # a guided image holds two rows
         per_lane = max(2, -(-rows // lanes))
         self.lanes = [Lane(self, i, SlotSampler(gpt, per_lane)) for i in range(lanes)]
         self._lock = threading.Condition()
         self._waiting: deque[_Image] = deque()
-        self._waiting_images = 0
         self._stopping = False
-        self._accepting = True
         self._ready = 0
         self._failed: BaseException | None = None
         self._started: asyncio.Future | None = None
@@ -294,12 +292,9 @@ class GenerationEngine:
             lane.thread.start()
         await self._started
 
-    def drain(self) -> None:
-        self._accepting = False
-
     async def close(self) -> None:
         """Finish every admitted image, then stop the lanes."""
-        self._accepting = False
+        self.admission.drain()
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -317,32 +312,21 @@ class GenerationEngine:
         self._loop.call_soon_threadsafe(_resolve, self._started, exc)
 
     # ---- admission (event loop) ------------------------------------------------------------
-    def check_room(self, n: int) -> None:
-        if self._waiting_images and self._waiting_images + n > self.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ServiceError(503, "overloaded",
-                               f"the queue is full ({self._waiting_images} images waiting)",
-                               RETRY_AFTER)
-
     def submit(self, n: int, image: Callable[[int], SamplingBatch], *, guided: bool,
                grid: tuple[int, int], filtered: bool = True,
                on_row: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
                admitted: bool = False) -> Ticket:
         """Queue one request of n images; `image(i)` builds image i's seeded row."""
-        if not (self._accepting or admitted) or self._stopping:
-            self.metrics.rejected.labels("draining").inc()
-            raise ServiceError(503, "draining", "the server is shutting down",
-                               RETRY_AFTER)
-        self.check_room(n)
+        self.admission.admit(n, admitted, closing=self._stopping)
         loop = self._loop
         ticket = Ticket(n, image, guided, grid, loop.create_future(), loop.time(), filtered,
                         on_row)
         with self._lock:
             self._waiting.extend(_Image(ticket, i) for i in range(n))
-            self._waiting_images += n
+            self.admission.enter(n)
             self.metrics.queue_depth.labels("generate", self.name).inc(n)
             self._lock.notify_all()
-        loop.call_at(ticket.arrival + self.timeout_s, self._expire, ticket)
+        self.admission.deadline(loop, ticket.arrival, self._expire, ticket)
         return ticket
 
     def cancel(self, ticket: Ticket, reason: str, error: ServiceError) -> None:
@@ -350,7 +334,7 @@ class GenerationEngine:
         handler gets `error` (a handler that was itself cancelled has cancelled the future
         already)."""
         if self.withdraw(ticket, reason, error):
-            self.metrics.rejected.labels(reason).inc()
+            self.admission.reject(reason)
 
     def withdraw(self, ticket: Ticket, reason: str, error: ServiceError) -> bool:
         """`cancel` without counting it; False when the ticket had left already."""
@@ -360,7 +344,7 @@ class GenerationEngine:
             ticket.cancelled = reason
             before = len(self._waiting)
             self._waiting = deque(im for im in self._waiting if im.ticket is not ticket)
-            self._waiting_images -= before - len(self._waiting)
+            self.admission.leave(before - len(self._waiting))
             self.metrics.queue_depth.labels("generate", self.name).dec(before - len(self._waiting))
         if not ticket.future.done():
             ticket.future.set_exception(error)
@@ -368,9 +352,8 @@ class GenerationEngine:
 
     def _expire(self, ticket: Ticket) -> None:
         if not ticket.future.done() or ticket.future.cancelled():
-            self.cancel(ticket, "deadline", ServiceError(
-                504, "deadline_exceeded",
-                f"the request did not finish within {self.timeout_s:g} s"))
+            self.cancel(ticket, "deadline", self.admission.timed_out(
+                f"the request did not finish within {self.admission.timeout_s:g} s"))
 
     # ---- on the lanes' threads -------------------------------------------------------------
     def _take(self, lane: Lane) -> list[_Image] | None:
@@ -390,7 +373,6 @@ class GenerationEngine:
                 if len(lane.free) < 1 + guided:
                     break
                 self._waiting.popleft()
-                self._waiting_images -= 1
                 im.cond = lane.free.pop(0)
                 im.uncond = lane.free.pop(0) if guided else None
                 joined.append(im)
@@ -400,6 +382,7 @@ class GenerationEngine:
                     t.started = now
                     self.metrics.queue_wait.labels("generate", self.name).observe(now - t.arrival)
             if joined:
+                self.admission.leave(len(joined))
                 self.metrics.queue_depth.labels("generate", self.name).dec(len(joined))
             return joined
 

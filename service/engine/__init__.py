@@ -1,0 +1,1 @@
+"""The engine: admission, the generation lanes and the batches."""
