@@ -19,7 +19,7 @@ import secrets
 import time
 
 from . import logs
-from .collector import Arrivals
+from .engine.batches import Arrivals
 from .errors import error_response
 from .metrics import Metrics
 

@@ -18,15 +18,14 @@ import numpy as np
 import torch
 from fastapi import Request
 
-from .collector import Arrivals, Collector
 from .engine.admission import Admission
+from .engine.batches import Arrivals, BatchPolicy, Collector
+from .engine.lanes import GenerateJob, GenerationEngine, lane_count
+from .engine.runner import GeneratePayload, runners_for
 from .errors import ServiceError
-from .generation import GenerationEngine, Ticket, lane_count
 from .metrics import Metrics
 from .middleware import LOG_KEY
-from .policy import BatchPolicy
 from .registry import ModelEntry, load_models, warm_up
-from .runners import GeneratePayload, runners_for
 from .settings import Settings
 
 log = logging.getLogger("taming.service")
@@ -210,7 +209,7 @@ class Service:
         return entry.name in self.generators and tuple(grid) == tuple(entry.grid)
 
     def sample(self, request: Request, entry: ModelEntry, payload: GeneratePayload,
-               on_row=None) -> Ticket:
+               on_row=None) -> GenerateJob:
         """Hand a request's images to its model's generation engine."""
         ctx = request.scope.get(LOG_KEY, {})
         ctx["images"] = payload.n
@@ -221,17 +220,17 @@ class Service:
             admitted=self._admitted(ctx))
 
     @staticmethod
-    def log_ticket(request: Request, ticket: Ticket) -> None:
+    def log_ticket(request: Request, job: GenerateJob) -> None:
         """The access log's batch_size (images beside it at its first step), queue_ms (until
         its first step) and compute_ms (sampling) for a /generate request."""
         ctx = request.scope.get(LOG_KEY, {})
-        if ticket.started is not None:
-            ctx["batch_size"] = ticket.company
-            ctx["queue_ms"] = round((ticket.started - ticket.arrival) * 1000, 2)
-            if ticket.finished is not None:
-                ctx["compute_ms"] = round((ticket.finished - ticket.started) * 1000, 2)
+        if job.started is not None:
+            ctx["batch_size"] = job.company
+            ctx["queue_ms"] = round((job.started - job.arrival) * 1000, 2)
+            if job.finished is not None:
+                ctx["compute_ms"] = round((job.finished - job.started) * 1000, 2)
 
-    def cancel(self, entry: ModelEntry, ticket: Ticket, reason: str) -> None:
-        """Free a ticket's slots at the next step (its client left, or its answer failed)."""
-        self.generators[entry.name].cancel(ticket, reason, ServiceError(
+    def cancel(self, entry: ModelEntry, job: GenerateJob, reason: str) -> None:
+        """Free a job's slots at the next step (its client left, or its answer failed)."""
+        self.generators[entry.name].cancel(job, reason, ServiceError(
             499, reason, "the client closed the connection"))

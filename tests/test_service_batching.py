@@ -1,4 +1,4 @@
-"""Batching: the collector (service.collector) on fake runners — closing rules, admission
+"""Batching: the collector (service.engine.batches) on fake runners — closing rules, admission
 (503), deadlines (504), dropped clients, out-of-memory splitting, draining — and over HTTP,
 that /encode, /decode and wide-grid /generate batch, that /generate's steps hold several
 requests, and that seeded results do not depend on their company."""
@@ -25,11 +25,16 @@ from service_helpers import (
 )
 
 from service.app import create_app
-from service.collector import GONE_CHECK_AFTER_S, Arrivals, Collector
 from service.engine.admission import Admission
+from service.engine.batches import (
+    GONE_CHECK_AFTER_S,
+    LONG_BATCH_PATIENCE,
+    Arrivals,
+    BatchPolicy,
+    Collector,
+)
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.policy import LONG_BATCH_PATIENCE, BatchPolicy
 from service.state import MODEL_THREAD_NICE
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"

@@ -14,9 +14,9 @@ from models.sampling import check_settings
 
 from ..bodies import body_schema, json_body
 from ..deps import service_of
+from ..engine.runner import GeneratePayload
 from ..errors import ServiceError, invalid
 from ..imaging import b64png, dumps, generate_json
-from ..runners import GeneratePayload
 from ..schemas import GenerateRequest, GenerateResponse
 from . import PNG_CONTENT, errors, images_response
 
@@ -128,15 +128,15 @@ async def _sampled(request: Request, svc, entry, payload: GeneratePayload
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Tokens (n, T) and images from the generation engine; a client that leaves frees its
     slots."""
-    ticket = svc.sample(request, entry, payload)
+    job = svc.sample(request, entry, payload)
     watch = asyncio.ensure_future(_disconnected(request))
-    watch.add_done_callback(lambda w: w.cancelled() or svc.cancel(entry, ticket, "client_gone"))
+    watch.add_done_callback(lambda w: w.cancelled() or svc.cancel(entry, job, "client_gone"))
     try:
-        return await ticket.future, ticket.images
+        return await job.future, job.images
     finally:
         watch.cancel()
-        svc.cancel(entry, ticket, "client_gone")  # a cancelled handler: its rows leave too
-        svc.log_ticket(request, ticket)
+        svc.cancel(entry, job, "client_gone")  # a cancelled handler: its rows leave too
+        svc.log_ticket(request, job)
 
 
 async def _disconnected(request: Request) -> None:
@@ -160,13 +160,13 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
     """Rows as they complete, then the JSON answer. Errors before the first row are plain
     error answers (the status line is not sent until then); later ones an `error` event."""
     rows: asyncio.Queue = asyncio.Queue()
-    ticket = svc.sample(request, entry, payload, on_row=lambda *row: rows.put_nowait(row))
-    done = asyncio.ensure_future(ticket.future)
+    job = svc.sample(request, entry, payload, on_row=lambda *row: rows.put_nowait(row))
+    done = asyncio.ensure_future(job.future)
     first = asyncio.ensure_future(rows.get())
     try:
         await asyncio.wait({done, first}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        svc.cancel(entry, ticket, "client_gone")
+        svc.cancel(entry, job, "client_gone")
         first.cancel()
         raise
     if done.done() and done.exception() is not None and rows.empty():
@@ -194,7 +194,7 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
                 image, r, cells, preview = row
                 yield _event("row", dumps({"image": image, "row": r, "tokens": cells.tolist(),
                                            "png": b64png(preview)}))
-            tokens, images = done.result(), ticket.images
+            tokens, images = done.result(), job.images
             _count(svc, entry, payload)
             body = await svc.offload(partial(generate_json, entry.name, payload.seed,
                                              tokens=tokens, grid=grid), images,
@@ -206,9 +206,9 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
             yield _event("error", dumps({"error": {"code": e.code, "message": e.message}}))
         finally:
             if not finished:
-                svc.cancel(entry, ticket, "client_gone")
+                svc.cancel(entry, job, "client_gone")
             done.cancel()
-            svc.log_ticket(request, ticket)
+            svc.log_ticket(request, job)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache",
