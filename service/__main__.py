@@ -17,8 +17,8 @@ from pydantic import AliasChoices, ValidationError
 
 from models.checkpoint import CheckpointError
 
-from . import logs
 from .app import create_app
+from .middleware import configure_logging
 from .registry import load_models
 from .server import DrainingServer, server_config
 from .settings import Settings
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         name = name if name.isupper() else "TAMING_" + name.upper()
         print(f"error: bad setting {name}: {first['msg']}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level)
+    configure_logging(settings.log_level)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     try:

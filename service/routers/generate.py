@@ -12,13 +12,13 @@ from starlette.responses import Response, StreamingResponse
 
 from models.sampling import check_settings
 
-from ..bodies import body_schema, json_body
-from ..deps import service_of
+from ..deps import json_body, service_of
 from ..engine.runner import GeneratePayload
 from ..errors import ServiceError, invalid
-from ..imaging import b64png, dumps, generate_json
+from ..openapi import body_schema
+from ..responses import b64png, dumps, generate_json, images_response, sse_event, wants_stream
 from ..schemas import GenerateRequest, GenerateResponse
-from . import PNG_CONTENT, errors, images_response
+from . import PNG_CONTENT, errors
 
 router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
@@ -146,15 +146,6 @@ async def _disconnected(request: Request) -> None:
 
 
 # ---- Server-Sent Events ------------------------------------------------------------------
-def wants_stream(request: Request) -> bool:
-    return "text/event-stream" in request.headers.get("accept", "")
-
-
-def _event(name: str, data: bytes | str) -> bytes:
-    data = data if isinstance(data, bytes) else data.encode()
-    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
-
-
 async def stream(request: Request, svc, entry, payload: GeneratePayload,
                  headers: dict) -> Response:
     """Rows as they complete, then the JSON answer. Errors before the first row are plain
@@ -192,7 +183,7 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
                         continue
                     row = getter.result()
                 image, r, cells, preview = row
-                yield _event("row", dumps({"image": image, "row": r, "tokens": cells.tolist(),
+                yield sse_event("row", dumps({"image": image, "row": r, "tokens": cells.tolist(),
                                            "png": b64png(preview)}))
             tokens, images = done.result(), job.images
             _count(svc, entry, payload)
@@ -200,10 +191,10 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
                                              tokens=tokens, grid=grid), images,
                                      pixels=images.size)
             finished = True
-            yield _event("done", body)
+            yield sse_event("done", body)
         except ServiceError as e:
             finished = True
-            yield _event("error", dumps({"error": {"code": e.code, "message": e.message}}))
+            yield sse_event("error", dumps({"error": {"code": e.code, "message": e.message}}))
         finally:
             if not finished:
                 svc.cancel(entry, job, "client_gone")
