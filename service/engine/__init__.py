@@ -10,7 +10,8 @@ image holds one row, two when guided; a **slot**, as in TAMING_GENERATE_SLOTS an
 `taming_slots_active`, is room for one guided image). A lane's **scheduler** seats images
 in rows, compacts them and frees them (bookkeeping only); its **runner** owns the device
 side, and one **step** gives every occupied row its next token. Everything else runs as
-**batches** that the **collector** forms from its queues and its runners run to completion.
+**batches** that the **collector** forms from its queues and its runners run to completion;
+requests received but not yet queued are **arrivals** (a filling batch waits for them).
 
 Reading order: `admission` (the gate), `scheduler` (rows), `runner` (the device), `lanes`
 (threads and the bridge to the event loop), `batches` (the collector).
