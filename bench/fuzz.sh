@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-FUZZ_CASES=${1:-500} FUZZ_MODELS=shipped "$PY" -m pytest tests/test_service_fuzz.py -q -s \
+FUZZ_CASES=${1:-500} FUZZ_MODELS=shipped "$PY" -m pytest tests/service/test_service_fuzz.py -q -s \
   -p no:cacheprovider 2>&1 | tee bench/results/fuzz.txt

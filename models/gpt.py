@@ -8,7 +8,7 @@ Vocabulary: ids 0..K-1 are codes, K..K+n_classes-1 are classes, K+n_classes is t
 (unconditional / classifier-free guidance). The head predicts codes only, so a class or
 special id can never be sampled.
 
-Window convention (pinned by tests/test_gpt.py): with window (wr, wc), the query at position p
+Window convention (pinned by tests/unit/test_gpt.py): with window (wr, wc), the query at position p
 (predicting cell (r, c)) sees the key at position q iff q == 0 (the class token), or q == p
 (itself), or q < p and the key's cell (r', c') = cell q - 1 satisfies r - r' < wr and
 |c - c'| <= wc // 2. Full causal attention is any window with wr >= rows and wc >= 2*cols - 1.

@@ -9,60 +9,19 @@ queued ones finish, then the process exits 0. A second signal forces the exit.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import textwrap
-import time
 
 import torch
-import uvicorn
 from pydantic import AliasChoices, ValidationError
 
 from models.checkpoint import CheckpointError
 
-from . import logs
 from .app import create_app
+from .middleware import configure_logging
 from .registry import load_models
+from .server import DrainingServer, server_config
 from .settings import Settings
-
-ACCEPTED_GRACE_S = 0.25
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, with a drain step on the first signal and exit code 0 after it."""
-
-    def __init__(self, config: uvicorn.Config, on_drain, grace_s: float = 0.0) -> None:
-        super().__init__(config)
-        self.on_drain = on_drain
-        self.grace_s = grace_s
-        self._exit_at: float | None = None
-
-    def handle_exit(self, sig, frame) -> None:
-        if self._exit_at is not None or self.should_exit:
-            self.should_exit = self.force_exit = True  # second signal: stop now
-            return
-        self.on_drain()
-        self._exit_at = time.monotonic() + self.grace_s
-        if self.grace_s <= 0:
-            self.should_exit = True
-        # not recorded in _captured_signals: uvicorn would re-raise it and exit with 143
-
-    async def shutdown(self, sockets=None) -> None:
-        """Stop listening first, then give connections accepted a moment ago the time to
-        deliver their request (it gets its answer: 503, draining) before uvicorn closes every
-        connection without a request in progress; closing at once reset some of them under
-        load (bench/overload.py)."""
-        for server in self.servers:
-            server.close()
-        for sock in sockets or []:
-            sock.close()
-        await asyncio.sleep(ACCEPTED_GRACE_S)
-        await super().shutdown(sockets)
-
-    async def on_tick(self, counter: int) -> bool:
-        if self._exit_at is not None and time.monotonic() >= self._exit_at:
-            self.should_exit = True
-        return await super().on_tick(counter)
 
 
 def settings_help() -> str:
@@ -91,11 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def drain_timeout(settings: Settings) -> float:
-    """Queued work cannot outlive its deadline: the grace period, one deadline, a margin."""
-    return settings.shutdown_grace_s + settings.request_timeout_s + 5.0
-
-
 def main(argv: list[str] | None = None) -> int:
     parse_args(argv)
     try:
@@ -106,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         name = name if name.isupper() else "TAMING_" + name.upper()
         print(f"error: bad setting {name}: {first['msg']}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level)
+    configure_logging(settings.log_level)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     try:
@@ -115,10 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot serve: {e}", file=sys.stderr)
         return 2
     app = create_app(settings, models=loaded)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower(), access_log=False,
-                            timeout_graceful_shutdown=drain_timeout(settings), lifespan="on")
-    server = DrainingServer(config, app.state.service.begin_drain, settings.shutdown_grace_s)
+    server = DrainingServer(server_config(app, settings), app.state.service.begin_drain,
+                            settings.shutdown_grace_s)
     server.run()
     return 0 if server.started else 1
 

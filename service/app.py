@@ -1,4 +1,5 @@
-"""The app factory: `create_app(settings)` wires routers, errors, middleware and the lifespan.
+"""The app factory: `create_app(settings)` wires routers, errors, middleware and the lifespan;
+and the way in for the inference routes (InferenceRoutes).
 
 The lifespan loads and validates every checkpoint (unless the caller already did), warms each
 model up on the device thread, starts the batching engine, and on exit drains it: every
@@ -7,15 +8,18 @@ queued request is answered before the worker stops.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
 
-from . import __version__, docs, errors, logs, openapi
-from .deps import require_api_key
-from .front import InferenceRoutes
-from .middleware import RequestMiddleware
+from . import __version__, errors, openapi
+from .deps import bearer_token, check_key, require_api_key
+from .errors import ServiceError, error_response
+from .middleware import RequestMiddleware, configure_logging
 from .registry import ModelEntry
 from .routers import decode, encode, generate, health, inference_v2, openai_images, playground
 from .routers import models as models_router
@@ -41,6 +45,42 @@ sampler at every step.
 NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 
 
+Handler = Callable[[Request], Awaitable[Response]]
+# served by InferenceRoutes, past FastAPI's stack (FastAPI documents them)
+INFERENCE_ROUTES: dict[str, Handler] = {
+    "/generate": generate.generate, "/encode": encode.encode, "/decode": decode.decode}
+
+
+class InferenceRoutes:
+    """The way in for POST /generate, /encode and /decode: straight to their handlers,
+    outside FastAPI's middleware stack, routing and dependency solving.
+
+    The handlers take the Request alone and parse, validate and answer by themselves, so
+    this is their one request path: FastAPI keeps routes of the same handlers only to
+    document them (/docs, /openapi.json), and those never see a request. On a busy CPU
+    replica FastAPI's per-request machinery cost the event loop more than a one-image
+    /encode itself (BENCHMARKS.md, "One request path").
+    """
+
+    def __init__(self, app, service: Service, routes: dict[str, Handler]) -> None:
+        self.app = app
+        self.svc = service
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)  # FastAPI answers, 405 included
+            return
+        request = Request(scope, receive, send)
+        try:
+            check_key(self.svc, bearer_token(request))  # nothing to check without keys
+            response = await handler(request)
+        except ServiceError as e:
+            response = error_response(e.status, e.code, e.message, e.headers)
+        await response(scope, receive, send)
+
+
 class TamingApp(FastAPI):
     """FastAPI, with the layers this service owns (the request layer: ids, body limit,
     metrics, access log; then CORS when configured; then the inference routes) outside
@@ -60,7 +100,7 @@ def create_app(settings: Settings | None = None,
                models: dict[str, ModelEntry] | None = None) -> FastAPI:
     """Build the app. `models` lets a caller pass checkpoints it already loaded."""
     settings = settings or get_settings()
-    logs.configure(settings.log_level)
+    configure_logging(settings.log_level)
     svc = Service(settings, models)
 
     @asynccontextmanager
@@ -77,16 +117,18 @@ def create_app(settings: Settings | None = None,
                     telemetry=NO_TELEMETRY)
     app.state.service = svc
     errors.install(app)
-    # documents the key check of the inference routes (service/front.py makes it) and makes it
-    # for /models; a server without keys pays nothing for it
+    # the key check of /models; InferenceRoutes makes it for the inference routes (their
+    # schema says so, see openapi.add_security); a server without keys pays nothing for it
     auth = [Depends(require_api_key)] if settings.api_keys else []
-    for r in (generate.router, encode.router, decode.router, models_router.router,
-              openai_images.router, inference_v2.router):
+    for r in (generate.router, encode.router, decode.router):
+        app.include_router(r)
+    # the protocol adapters check the key inside their route class (their errors' shape)
+    for r in (models_router.router, openai_images.router, inference_v2.router):
         app.include_router(r, dependencies=auth)
     app.include_router(health.router)
     app.include_router(inference_v2.health_router)  # probes need no key, as /readyz
-    docs.install(app)  # /docs with its assets served here, not from a CDN
-    openapi.document_headers(app)
+    openapi.install_docs(app)  # /docs with its assets served here, not from a CDN
+    openapi.document_headers(app, secured=tuple(INFERENCE_ROUTES) if settings.api_keys else ())
     app.include_router(playground.router)
     layers: list[tuple[type, dict]] = [(RequestMiddleware, {
         "metrics": svc.metrics, "max_body_bytes": settings.max_body_bytes,
@@ -97,7 +139,6 @@ def create_app(settings: Settings | None = None,
             "allow_headers": ["Authorization", "Content-Type", "Accept", "X-Request-ID"],
             "expose_headers": ["X-Seed", "X-Model", "X-Request-ID"]}))
     # innermost of the outer layers: inside the request layer and CORS, outside FastAPI
-    layers.append((InferenceRoutes, {"service": svc, "routes": {
-        "/generate": generate.generate, "/encode": encode.encode, "/decode": decode.decode}}))
+    layers.append((InferenceRoutes, {"service": svc, "routes": INFERENCE_ROUTES}))
     app.outer_layers = layers
     return app

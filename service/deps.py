@@ -1,19 +1,24 @@
-"""Shared request helpers: the service state, API-key checks and content negotiation.
+"""Shared request helpers: the service state, API-key checks and JSON request bodies.
 
-The API-key dependencies are attached by `create_app` only when TAMING_API_KEYS is set, so a
-server without keys pays nothing for them (and its schema asks no key of those routes).
+The API-key dependency of /models is attached by `create_app` only when TAMING_API_KEYS is
+set, so a server without keys pays nothing for it (and its schema asks no key). JSON bodies
+are parsed by the handlers themselves: pydantic validates the raw bytes in one call
+(`model_validate_json`), and every failure has the service's own error shape.
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
 
-from .errors import ServiceError
+from .errors import ServiceError, describe_validation, invalid
 from .state import Service
+
+M = TypeVar("M", bound=BaseModel)
 
 bearer = HTTPBearer(auto_error=False, description=(
     "Needed only when the server sets TAMING_API_KEYS: `Authorization: Bearer <key>`."))
@@ -59,25 +64,29 @@ async def require_metrics_key(
         check_key(svc, creds.credentials if creds is not None else None)
 
 
-def wants_json(request: Request) -> bool:
-    """True when Accept prefers application/json over image/png (PNG is the default)."""
-    accept = request.headers.get("accept")
-    if not accept or "json" not in accept:
-        return False
-    q_json = q_png = 0.0
-    for part in accept.split(","):
-        media, _, params = part.strip().partition(";")
-        media = media.strip().lower()
-        q = 1.0
-        for p in params.split(";"):
-            k, _, v = p.strip().partition("=")
-            if k == "q":
-                try:
-                    q = float(v)
-                except ValueError:
-                    q = 0.0
-        if media in ("application/json", "application/*"):
-            q_json = max(q_json, q)
-        elif media in ("image/png", "image/*", "*/*"):
-            q_png = max(q_png, q)
-    return q_json > 0 and q_json > q_png
+NOT_JSON = "send the body as JSON, with Content-Type: application/json"
+
+
+def _is_json(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    kind, _, sub = media.partition("/")
+    return kind == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+async def json_body(request: Request, schema: type[M], optional: bool = False) -> M | None:
+    """The body as `schema`: None for an absent optional body; 415 for a body that is not
+    declared JSON; 422 for bad JSON or values (pydantic's messages, one line)."""
+    body = await request.body()
+    if not body:
+        if optional:
+            return None
+        raise invalid("the request needs a JSON body")
+    if not _is_json(request):
+        raise ServiceError(415, "unsupported_media_type", NOT_JSON)
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as e:
+        raise invalid(describe_validation([{**err, "loc": ("body", *err["loc"])}
+                                           for err in e.errors()])) from None
+    except RecursionError:  # nested past the parser's stack
+        raise invalid("body is not valid JSON") from None

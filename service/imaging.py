@@ -1,4 +1,5 @@
-"""Image bytes in and out. Runs on the I/O thread pool, never on the event loop.
+"""Uploaded image bytes in: the upload policy. Runs on the I/O thread pool, never on the event
+loop (answers are encoded by service.responses).
 
 Upload policy (POST /encode), applied in this order:
 1. Formats: PNG, JPEG and WebP, recognised from the bytes (anything else: 415).
@@ -21,18 +22,14 @@ skips PIL: the steps above would not change a pixel of it.
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from models.images import tile
-
 from .errors import ServiceError
-from .png import PNG_SIGNATURE, png_bytes, refusal, simple_png_pixels
+from .png import PNG_SIGNATURE, refusal, simple_png_pixels
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MEDIA_TYPES = frozenset(FORMATS.values()) | {"image/jpg"}
@@ -166,33 +163,3 @@ def prepare(blobs: list[bytes], channels: int, size: tuple[int, int],
         a = np.asarray(im, dtype=np.uint8)
         out[i] = a[..., None] if a.ndim == 2 else a
     return out
-
-
-# ---- responses ---------------------------------------------------------------------------
-def b64png(image: np.ndarray) -> str:
-    return base64.b64encode(png_bytes(image)).decode("ascii")
-
-
-def png_of(images: np.ndarray) -> bytes:
-    """(N, H, W, C) uint8 -> one PNG: the image for N=1, a tiled grid for more."""
-    return png_bytes(images[0] if len(images) == 1 else tile(images))
-
-
-def dumps(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def generate_json(model: str, seed: int, images: np.ndarray, tokens: np.ndarray,
-                  grid: tuple[int, int]) -> bytes:
-    return dumps({"model": model, "seed": seed, "images": [
-        {"png": b64png(images[i]), "tokens": tokens[i].reshape(grid).tolist(), "seed": seed + i}
-        for i in range(len(images))]})
-
-
-def decode_json(model: str, images: np.ndarray, grid: tuple[int, int]) -> bytes:
-    return dumps({"model": model, "shape": list(grid),
-                  "images": [{"png": b64png(im)} for im in images]})
-
-
-def encode_json(model: str, tokens: np.ndarray) -> bytes:
-    return dumps({"model": model, "shape": list(tokens.shape[1:]), "tokens": tokens.tolist()})

@@ -1,4 +1,6 @@
-"""The outermost ASGI layer: request id, body limit, request metrics and the JSON access log.
+"""The outermost ASGI layer: request id, body limit, request metrics and the JSON access log;
+and the server's logging: one JSON line per request on stdout (logger `taming.access`, at
+INFO, so TAMING_LOG_LEVEL=warning silences it), everything else as text on stderr.
 
 Pure ASGI (no BaseHTTPMiddleware): each request pays little here. Handlers add
 `model`, `batch_size`, `queue_ms` and `compute_ms` to `scope["taming.log"]` for the log line.
@@ -13,17 +15,41 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import re
 import secrets
+import sys
 import time
 
-from . import logs
-from .collector import Arrivals
+from .engine.batches import Arrivals
 from .errors import error_response
 from .metrics import Metrics
 
 log = logging.getLogger("taming.http")
+
+ACCESS = logging.getLogger("taming.access")  # one JSON line per request, on stdout
+
+
+def configure_logging(level: str = "info") -> None:
+    """Idempotent: attach our handlers once per process."""
+    root = logging.getLogger("taming")
+    root.setLevel(level.upper())
+    if getattr(root, "_taming_configured", False):
+        return
+    text = logging.StreamHandler(sys.stderr)
+    text.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    root.addHandler(text)
+    access = logging.StreamHandler(sys.stdout)
+    access.setFormatter(logging.Formatter("%(message)s"))
+    ACCESS.addHandler(access)
+    ACCESS.propagate = False
+    root._taming_configured = True
+
+
+def access(record: dict) -> None:
+    if ACCESS.isEnabledFor(logging.INFO):
+        ACCESS.info(json.dumps(record, separators=(",", ":")))
 
 LOG_KEY = "taming.log"
 INFERENCE = frozenset({"/generate", "/encode", "/decode", "/v1/images/generations",
@@ -135,7 +161,7 @@ class RequestMiddleware:
             for k in ("batch_size", "queue_ms", "compute_ms", "images", "error"):
                 if k in ctx:
                     record[k] = ctx[k]
-            logs.access(record)
+            access(record)
 
     async def _too_big(self, scope, receive, send, linger: bool) -> None:
         """413; the connection stays open only when the whole body was read and dropped."""

@@ -6,6 +6,8 @@ Every setting has a default that works for the shipped checkpoints on one CPU. L
 
 from __future__ import annotations
 
+import math
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -13,9 +15,44 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .cpus import cpu_budget
-
 CommaList = Annotated[list[str], NoDecode]
+
+# ---- how many CPU cores this process may really use ---------------------------------------
+# Affinity and the cgroup quota, not the host: a pod limited to 2 CPUs on a 64-core node sees
+# 64 in os.cpu_count(); sizing threads from that oversubscribes the quota and the kernel
+# throttles the whole process.
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _quota_v2(root: Path) -> float | None:
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _quota_v1(root: Path) -> float | None:
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
+def cpu_budget(root: Path = CGROUP) -> int:
+    """Cores usable now: the affinity mask, capped by a cgroup v2 or v1 CPU quota (rounded up)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _quota_v2(root)
+    if quota is None:
+        quota = _quota_v1(root)
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
 
 
 class Settings(BaseSettings):
@@ -70,6 +107,10 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(False, description="Also require an API key for /metrics.")
     cors_origins: CommaList = Field(default_factory=list, description=(
         "Origins allowed by CORS; empty (the default) sends no CORS headers."))
+    header_timeout_s: float = Field(10.0, gt=0, description=(
+        "A connection must deliver a complete request header this long after it opens (or "
+        "after the first byte of its next request); past it the client gets 408 and the "
+        "connection closes. Requests in flight are not affected."))
 
     # operations
     log_level: str = Field("info", description="Log level of the server's own logs.")

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from fastapi import Request
 
-from .collector import Arrivals, Collector
+from .engine.admission import Admission
+from .engine.batches import Arrivals, BatchPolicy, Collector
+from .engine.lanes import GenerateJob, GenerationEngine, lane_count
+from .engine.runner import GeneratePayload, runners_for
 from .errors import ServiceError
-from .generation import GenerationEngine, Ticket, lane_count
 from .metrics import Metrics
 from .middleware import LOG_KEY
-from .policy import BatchPolicy
 from .registry import ModelEntry, load_models, warm_up
-from .runners import GeneratePayload, runners_for
 from .settings import Settings
 
 log = logging.getLogger("taming.service")
@@ -75,6 +75,9 @@ class Service:
         self.draining = False
         self.drain_started: float | None = None  # perf_counter() of the first SIGTERM
         self.arrivals = Arrivals()
+        # one gate for every queue: TAMING_MAX_QUEUE bounds the images queued in all of them
+        self.admission = Admission(self.metrics, max_queue=settings.max_queue,
+                                   timeout_s=settings.request_timeout_s)
 
     # ---- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,8 +107,8 @@ class Service:
         on_thread = partial(init_model_thread, device, threads, MODEL_THREAD_NICE)
         self.collector = Collector(
             self.metrics, BatchPolicy(s.max_batch_size, s.max_wait_ms / 1000.0), device=device,
-            max_queue=s.max_queue, timeout_s=s.request_timeout_s,
-            workers=1 if cuda else budget, on_thread=on_thread, arrivals=self.arrivals)
+            admission=self.admission, workers=1 if cuda else budget, on_thread=on_thread,
+            arrivals=self.arrivals)
         await self.collector.start()
         deadline = time.monotonic() + COMPILE_BUDGET_S
         for name, entry in self.models.items():
@@ -115,8 +118,7 @@ class Service:
             gen = GenerationEngine(
                 name, entry.bundle.gpt, self.metrics, slots=s.generate_slots,
                 lanes=lane_count(device, budget), compile=s.compile, compile_deadline=deadline,
-                max_queue=s.max_queue, timeout_s=s.request_timeout_s,
-                decode=entry.tokenizer.decode_pixels,
+                admission=self.admission, decode=entry.tokenizer.decode_pixels,
                 on_thread=partial(init_model_thread, device, threads))
             self.generators[name] = gen
             await gen.start()
@@ -135,10 +137,9 @@ class Service:
         if not self.draining:
             self.drain_started = time.perf_counter()
         self.draining = True
+        self.admission.drain()
         if self.collector is not None:
-            self.collector.drain()
-        for gen in self.generators.values():
-            gen.drain()
+            self.collector.drain()  # a filling batch closes at once
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -173,9 +174,9 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
     def check_room(self, entry: ModelEntry, operation: str, n: int = 1) -> None:
-        """503 now, before a body is parsed, when the queue for this work is full."""
-        gen = self.generators.get(entry.name) if operation == "generate" else None
-        (gen or self.collector).check_room(n)
+        """503 now, before a body is parsed, when the queues are full (one bound for every
+        model and operation: `entry` and `operation` name the work for callers' sake)."""
+        self.admission.check_room(n)
 
     def _admitted(self, ctx: dict) -> bool:
         """A request that arrived before SIGTERM is served; later ones get 503 (draining)."""
@@ -208,7 +209,7 @@ class Service:
         return entry.name in self.generators and tuple(grid) == tuple(entry.grid)
 
     def sample(self, request: Request, entry: ModelEntry, payload: GeneratePayload,
-               on_row=None) -> Ticket:
+               on_row=None) -> GenerateJob:
         """Hand a request's images to its model's generation engine."""
         ctx = request.scope.get(LOG_KEY, {})
         ctx["images"] = payload.n
@@ -219,17 +220,17 @@ class Service:
             admitted=self._admitted(ctx))
 
     @staticmethod
-    def log_ticket(request: Request, ticket: Ticket) -> None:
+    def log_ticket(request: Request, job: GenerateJob) -> None:
         """The access log's batch_size (images beside it at its first step), queue_ms (until
         its first step) and compute_ms (sampling) for a /generate request."""
         ctx = request.scope.get(LOG_KEY, {})
-        if ticket.started is not None:
-            ctx["batch_size"] = ticket.company
-            ctx["queue_ms"] = round((ticket.started - ticket.arrival) * 1000, 2)
-            if ticket.finished is not None:
-                ctx["compute_ms"] = round((ticket.finished - ticket.started) * 1000, 2)
+        if job.started is not None:
+            ctx["batch_size"] = job.company
+            ctx["queue_ms"] = round((job.started - job.arrival) * 1000, 2)
+            if job.finished is not None:
+                ctx["compute_ms"] = round((job.finished - job.started) * 1000, 2)
 
-    def cancel(self, entry: ModelEntry, ticket: Ticket, reason: str) -> None:
-        """Free a ticket's slots at the next step (its client left, or its answer failed)."""
-        self.generators[entry.name].cancel(ticket, reason, ServiceError(
+    def cancel(self, entry: ModelEntry, job: GenerateJob, reason: str) -> None:
+        """Free a job's slots at the next step (its client left, or its answer failed)."""
+        self.generators[entry.name].cancel(job, reason, ServiceError(
             499, reason, "the client closed the connection"))

@@ -27,6 +27,7 @@ from PIL import Image
 from models.checkpoint import save_gpt, save_vqvae
 from models.gpt import GPT, GPTConfig
 from models.vqvae import VQVAE, VQVAEConfig
+from service.server import server_config
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,12 +151,14 @@ async def async_client(app):
 
 @contextmanager
 def live_server(app):
-    """The app behind a real uvicorn socket in a background thread; yields its base URL."""
+    """The app behind a real uvicorn socket (the server's own protocol and header deadline) in a
+    background thread; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    config = server_config(app, app.state.service.settings, host="127.0.0.1", port=port,
+                           log_level="warning", timeout_graceful_shutdown=None)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -8,9 +8,10 @@
 """
 
 from .client import DEFAULT_URL, AsyncTamingClient, TamingClient
+from .protocol import GenerateParams
 from .types import Generation, ModelInfo, ModelList, RowEvent, SamplingDefaults, TamingError
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_URL", "AsyncTamingClient", "Generation", "ModelInfo", "ModelList",
+__all__ = ["DEFAULT_URL", "AsyncTamingClient", "GenerateParams", "Generation", "ModelInfo", "ModelList",
            "RowEvent", "SamplingDefaults", "TamingClient", "TamingError"]

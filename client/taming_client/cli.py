@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__
 from .client import DEFAULT_URL, TamingClient
+from .protocol import GenerateParams
 from .terminal import RowPainter
 from .types import Generation, RowEvent, TamingError, tile
 
@@ -122,13 +123,12 @@ def _tokens_json(model: str, grids: Sequence[np.ndarray]) -> dict[str, Any]:
 
 
 def cmd_generate(client: TamingClient, args: argparse.Namespace) -> None:
-    kw = dict(model=args.model, n=args.n, label=args.label, seed=args.seed,
-              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              cfg_scale=args.cfg_scale, grid=args.grid)
+    params = GenerateParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(
+        GenerateParams) if hasattr(args, f.name)})  # the options are named as its fields
     if args.stream:
         painter = RowPainter(sys.stderr, args.n)
         result = None
-        for item in client.stream(**kw):
+        for item in client.stream(params):
             if isinstance(item, RowEvent):
                 painter.add(item)
             else:
@@ -137,7 +137,7 @@ def cmd_generate(client: TamingClient, args: argparse.Namespace) -> None:
         if painter.next_row == 0:
             painter.whole(result.images)
     else:
-        result = client.generate(**kw)
+        result = client.generate(params)
     result.save(args.output)
     if args.tokens:
         _write_json(_tokens_json(result.model, result.tokens), args.tokens)

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, closing
 from typing import Any
 from urllib.parse import quote
@@ -77,33 +77,22 @@ class TamingClient(_Base):
                 return response
             response.read()
             response.close()
-            wait = budget.wait_before_retry(response)
-            if wait is None:
-                raise p.error_of(response)
-            time.sleep(wait)
+            time.sleep(budget.wait_or_raise(response))
 
-    def generate(self, model: str | None = None, n: int = 1, label: int | str | None = None,
-                 seed: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None,
-                 cfg_scale: float | None = None, grid: Sequence[int] | None = None,
-                 prefix: Any = None) -> Generation:
-        """Sample `n` images; arguments left at None take the model's defaults."""
-        body = p.generate_body(model, n, label, seed, temperature, top_k, top_p, cfg_scale,
-                               grid, prefix)
-        r = self._send("POST", "/generate", json=body, headers={"Accept": p.JSON})
+    @p.takes_generate_params
+    def generate(self, params: p.GenerateParams) -> Generation:
+        """Sample `n` images; the keywords are GenerateParams' fields (model, n, label, seed,
+        temperature, top_k, top_p, cfg_scale, grid, prefix); those left at None take the
+        model's defaults."""
+        r = self._send("POST", "/generate", json=params.body(), headers={"Accept": p.JSON})
         return Generation.from_json(r.json())
 
-    def stream(self, model: str | None = None, n: int = 1, label: int | str | None = None,
-               seed: int | None = None, temperature: float | None = None,
-               top_k: int | None = None, top_p: float | None = None,
-               cfg_scale: float | None = None, grid: Sequence[int] | None = None,
-               prefix: Any = None) -> Iterator[RowEvent | Generation]:
+    @p.takes_generate_params
+    def stream(self, params: p.GenerateParams) -> Iterator[RowEvent | Generation]:
         """Like generate(), as it happens: a RowEvent each time a token row of an image is
         complete, then the Generation. Where the server does not stream a request (or at
         all), the Generation comes alone."""
-        body = p.generate_body(model, n, label, seed, temperature, top_k, top_p, cfg_scale,
-                               grid, prefix)
-        r = self._send("POST", "/generate", stream=True, json=body,
+        r = self._send("POST", "/generate", stream=True, json=params.body(),
                        headers={"Accept": p.STREAM_ACCEPT})
         with closing(r), p.transport_errors(r.url):
             if p.media_type(r) == p.EVENT_STREAM:
@@ -117,8 +106,7 @@ class TamingClient(_Base):
                 yield Generation.from_json(json.loads(r.read()))
                 return
         # a server that streams nothing: its plain answer
-        yield self.generate(model, n, label, seed, temperature, top_k, top_p, cfg_scale, grid,
-                            prefix)
+        yield self.generate(params)
 
     def encode(self, images: Any, model: str | None = None) -> np.ndarray:
         """Images (paths, encoded bytes, PIL images or arrays; one or a list) -> their token
@@ -172,30 +160,17 @@ class AsyncTamingClient(_Base):
                 return response
             await response.aread()
             await response.aclose()
-            wait = budget.wait_before_retry(response)
-            if wait is None:
-                raise p.error_of(response)
-            await asyncio.sleep(wait)
+            await asyncio.sleep(budget.wait_or_raise(response))
 
-    async def generate(self, model: str | None = None, n: int = 1,
-                       label: int | str | None = None, seed: int | None = None,
-                       temperature: float | None = None, top_k: int | None = None,
-                       top_p: float | None = None, cfg_scale: float | None = None,
-                       grid: Sequence[int] | None = None, prefix: Any = None) -> Generation:
-        body = p.generate_body(model, n, label, seed, temperature, top_k, top_p, cfg_scale,
-                               grid, prefix)
-        r = await self._send("POST", "/generate", json=body, headers={"Accept": p.JSON})
+    @p.takes_generate_params
+    async def generate(self, params: p.GenerateParams) -> Generation:
+        r = await self._send("POST", "/generate", json=params.body(),
+                             headers={"Accept": p.JSON})
         return Generation.from_json(r.json())
 
-    async def stream(self, model: str | None = None, n: int = 1,
-                     label: int | str | None = None, seed: int | None = None,
-                     temperature: float | None = None, top_k: int | None = None,
-                     top_p: float | None = None, cfg_scale: float | None = None,
-                     grid: Sequence[int] | None = None,
-                     prefix: Any = None) -> AsyncIterator[RowEvent | Generation]:
-        body = p.generate_body(model, n, label, seed, temperature, top_k, top_p, cfg_scale,
-                               grid, prefix)
-        r = await self._send("POST", "/generate", stream=True, json=body,
+    @p.takes_generate_params
+    async def stream(self, params: p.GenerateParams) -> AsyncIterator[RowEvent | Generation]:
+        r = await self._send("POST", "/generate", stream=True, json=params.body(),
                              headers={"Accept": p.STREAM_ACCEPT})
         async with aclosing(r):
             with p.transport_errors(r.url):
@@ -211,8 +186,7 @@ class AsyncTamingClient(_Base):
                 if kind == p.JSON:
                     yield Generation.from_json(json.loads(await r.aread()))
                     return
-        yield await self.generate(model, n, label, seed, temperature, top_k, top_p, cfg_scale,
-                                  grid, prefix)
+        yield await self.generate(params)
 
     async def encode(self, images: Any, model: str | None = None) -> np.ndarray:
         params = {"model": model} if model else None

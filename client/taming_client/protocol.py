@@ -1,4 +1,5 @@
-"""The HTTP contract without I/O: request bodies, error and retry handling, Server-Sent Events.
+"""The HTTP contract without I/O: the generate parameters and request bodies, error and retry
+handling (its timing included), Server-Sent Events.
 
 Both clients (blocking and asyncio) share these pieces and differ only in how they send and
 wait, so the two cannot drift apart.
@@ -6,13 +7,15 @@ wait, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from email.utils import parsedate_to_datetime
 from typing import Any, Union
 
@@ -41,19 +44,55 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def generate_body(model: str | None = None, n: int = 1, label: int | str | None = None,
-                  seed: int | None = None, temperature: float | None = None,
-                  top_k: int | None = None, top_p: float | None = None,
-                  cfg_scale: float | None = None, grid: Sequence[int] | None = None,
-                  prefix: Any = None) -> dict[str, Any]:
-    """The JSON body of POST /generate; arguments left at None are left to the server."""
-    body = {"model": model, "n": n, "label": label, "seed": seed, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale, "grid": grid,
-            "prefix": prefix}
-    out = {k: _plain(v) for k, v in body.items() if v is not None}
-    if out.get("n") == 1:
-        del out["n"]
-    return out
+@dataclass(frozen=True)
+class GenerateParams:
+    """The parameters of POST /generate, defined once for both clients and the CLI; those
+    left at None are left to the server (the model's defaults)."""
+
+    model: str | None = None
+    n: int = 1
+    label: int | str | None = None  # a class index or name
+    seed: int | None = None  # image i uses seed + i
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float | None = None  # classifier-free guidance (1 = off)
+    grid: Sequence[int] | None = None  # (rows, cols), the model's grid or wider
+    prefix: Any = None  # token ids the images start with (flat, or rows)
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of POST /generate."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in fields(self)
+               if getattr(self, f.name) is not None}
+        if out.get("n") == 1:
+            del out["n"]
+        return out
+
+
+def takes_generate_params(method: Callable) -> Callable:
+    """`method(self, params)` made callable as `method(self, model=..., n=..., ...)` (the
+    fields of GenerateParams, as keywords) or `method(self, GenerateParams(...))`; works for
+    plain, async and generator methods alike, and `help()` shows the fields."""
+
+    @functools.wraps(method)
+    def call(self, params: GenerateParams | None = None, /, **kw: Any):
+        if params is not None and kw:
+            raise TypeError("give a GenerateParams or keywords, not both")
+        return method(self, params if params is not None else GenerateParams(**kw))
+
+    sig = inspect.signature(method)
+    own = list(sig.parameters.values())[0].replace(kind=inspect.Parameter.POSITIONAL_ONLY)
+    given = inspect.Parameter("params", inspect.Parameter.POSITIONAL_ONLY, default=None,
+                              annotation="GenerateParams | None")
+    call.__signature__ = sig.replace(parameters=[own, given, *(
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                          annotation=f.type) for f in fields(GenerateParams))])
+    return call
+
+
+def generate_body(*args: Any, **kw: Any) -> dict[str, Any]:
+    """The JSON body of POST /generate for GenerateParams(*args, **kw)."""
+    return GenerateParams(*args, **kw).body()
 
 
 def grids_body(grids: Any, model: str | None) -> dict[str, Any]:
@@ -149,8 +188,9 @@ def transport_errors(url: httpx.URL | str) -> Iterator[None]:
 
 @dataclass
 class RetryBudget:
-    """A 503 is retried after its Retry-After (1 s when absent, at least 0.1 s) while the
-    total time since the first attempt, the wait included, stays within `seconds`."""
+    """The retry timing of one call: a 503 is retried after its Retry-After (1 s when absent,
+    at least 0.1 s) while the total time since the first attempt, the wait included, stays
+    within `seconds`. Both clients send, then ask `wait_or_raise`, then sleep their way."""
 
     seconds: float
     started: float = 0.0
@@ -166,6 +206,14 @@ class RetryBudget:
         wait = 1.0 if wait is None else max(0.1, wait)  # "0" must not become a busy loop
         if time.monotonic() - self.started + wait > self.seconds:
             return None
+        return wait
+
+    def wait_or_raise(self, response: httpx.Response) -> float:
+        """For an error answer (read already): the wait before sending again, or the
+        TamingError to raise."""
+        wait = self.wait_before_retry(response)
+        if wait is None:
+            raise error_of(response)
         return wait
 
 

@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numpy as np
-from fastapi import Request
-from starlette.responses import Response
-
-from ..deps import wants_json
-from ..imaging import png_of
 from ..schemas import ErrorBody
-from ..state import Service
 
 _DESCRIPTIONS = {
     401: "Missing or invalid API key (only when TAMING_API_KEYS is set).",
@@ -29,14 +20,3 @@ def errors(*codes: int) -> dict:
 
 
 PNG_CONTENT = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
-
-
-async def images_response(request: Request, svc: Service, images: np.ndarray, headers: dict,
-                          to_json: Callable[[np.ndarray], bytes]) -> Response:
-    """PNG by default (one image, or a tiled grid); `to_json(images)` when Accept asks for JSON."""
-    if wants_json(request):
-        fn, media = to_json, "application/json"
-    else:
-        fn, media = png_of, "image/png"
-    content = await svc.offload(fn, images, pixels=images.size)
-    return Response(content, media_type=media, headers=headers)

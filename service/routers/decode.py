@@ -8,12 +8,12 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..bodies import body_schema, json_body
-from ..deps import service_of
+from ..deps import json_body, service_of
 from ..errors import invalid
-from ..imaging import decode_json
+from ..openapi import body_schema
+from ..responses import decode_json, images_response
 from ..schemas import DecodeRequest, DecodeResponse
-from . import PNG_CONTENT, errors, images_response
+from . import PNG_CONTENT, errors
 
 router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 

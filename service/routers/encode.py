@@ -10,7 +10,8 @@ from starlette.responses import Response
 
 from ..deps import service_of
 from ..errors import ServiceError, invalid
-from ..imaging import MEDIA_TYPES, encode_json, header_pixels, prepare
+from ..imaging import MEDIA_TYPES, header_pixels, prepare
+from ..responses import encode_json
 from ..schemas import MAX_NAME, EncodeResponse
 from . import errors
 

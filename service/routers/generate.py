@@ -12,14 +12,14 @@ from starlette.responses import Response, StreamingResponse
 
 from models.sampling import check_settings
 
-from ..bodies import body_schema, json_body
-from ..deps import service_of
+from ..deps import json_body, service_of
+from ..engine.runner import GeneratePayload
 from ..errors import ServiceError, invalid
-from ..imaging import b64png, dumps, generate_json
+from ..openapi import body_schema
 from ..registry import ModelEntry
-from ..runners import GeneratePayload
+from ..responses import b64png, dumps, generate_json, images_response, sse_event, wants_stream
 from ..schemas import GenerateRequest, GenerateResponse
-from . import PNG_CONTENT, errors, images_response
+from . import PNG_CONTENT, errors
 
 router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
@@ -142,15 +142,15 @@ async def _sampled(request: Request, svc, entry, payload: GeneratePayload
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Tokens (n, T) and images from the generation engine; a client that leaves frees its
     slots."""
-    ticket = svc.sample(request, entry, payload)
+    job = svc.sample(request, entry, payload)
     watch = asyncio.ensure_future(_disconnected(request))
-    watch.add_done_callback(lambda w: w.cancelled() or svc.cancel(entry, ticket, "client_gone"))
+    watch.add_done_callback(lambda w: w.cancelled() or svc.cancel(entry, job, "client_gone"))
     try:
-        return await ticket.future, ticket.images
+        return await job.future, job.images
     finally:
         watch.cancel()
-        svc.cancel(entry, ticket, "client_gone")  # a cancelled handler: its rows leave too
-        svc.log_ticket(request, ticket)
+        svc.cancel(entry, job, "client_gone")  # a cancelled handler: its rows leave too
+        svc.log_ticket(request, job)
 
 
 async def _disconnected(request: Request) -> None:
@@ -160,27 +160,18 @@ async def _disconnected(request: Request) -> None:
 
 
 # ---- Server-Sent Events ------------------------------------------------------------------
-def wants_stream(request: Request) -> bool:
-    return "text/event-stream" in request.headers.get("accept", "")
-
-
-def _event(name: str, data: bytes | str) -> bytes:
-    data = data if isinstance(data, bytes) else data.encode()
-    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
-
-
 async def stream(request: Request, svc, entry, payload: GeneratePayload,
                  headers: dict) -> Response:
     """Rows as they complete, then the JSON answer. Errors before the first row are plain
     error answers (the status line is not sent until then); later ones an `error` event."""
     rows: asyncio.Queue = asyncio.Queue()
-    ticket = svc.sample(request, entry, payload, on_row=lambda *row: rows.put_nowait(row))
-    done = asyncio.ensure_future(ticket.future)
+    job = svc.sample(request, entry, payload, on_row=lambda *row: rows.put_nowait(row))
+    done = asyncio.ensure_future(job.future)
     first = asyncio.ensure_future(rows.get())
     try:
         await asyncio.wait({done, first}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        svc.cancel(entry, ticket, "client_gone")
+        svc.cancel(entry, job, "client_gone")
         first.cancel()
         raise
     if done.done() and done.exception() is not None and rows.empty():
@@ -206,23 +197,23 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
                         continue
                     row = getter.result()
                 image, r, cells, preview = row
-                yield _event("row", dumps({"image": image, "row": r, "tokens": cells.tolist(),
+                yield sse_event("row", dumps({"image": image, "row": r, "tokens": cells.tolist(),
                                            "png": b64png(preview)}))
-            tokens, images = done.result(), ticket.images
+            tokens, images = done.result(), job.images
             _count(svc, entry, payload)
             body = await svc.offload(partial(generate_json, entry.name, payload.seed,
                                              tokens=tokens, grid=grid), images,
                                      pixels=images.size)
             finished = True
-            yield _event("done", body)
+            yield sse_event("done", body)
         except ServiceError as e:
             finished = True
-            yield _event("error", dumps({"error": {"code": e.code, "message": e.message}}))
+            yield sse_event("error", dumps({"error": {"code": e.code, "message": e.message}}))
         finally:
             if not finished:
-                svc.cancel(entry, ticket, "client_gone")
+                svc.cancel(entry, job, "client_gone")
             done.cancel()
-            svc.log_ticket(request, ticket)
+            svc.log_ticket(request, job)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache",

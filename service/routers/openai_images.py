@@ -23,8 +23,8 @@ from starlette.responses import Response
 
 from ..deps import service_of
 from ..errors import CODES, ServiceError
-from ..imaging import b64png, dumps
 from ..registry import ModelEntry
+from ..responses import b64png, dumps
 from ..schemas import MAX_NAME, GenerateRequest
 from .encode import encode_uploads
 from .generate import admit, sample_images

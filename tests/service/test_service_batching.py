@@ -1,4 +1,4 @@
-"""Batching: the collector (service.collector) on fake runners — closing rules, admission
+"""Batching: the collector (service.engine.batches) on fake runners — closing rules, admission
 (503), deadlines (504), dropped clients, out-of-memory splitting, draining — and over HTTP,
 that /encode, /decode and wide-grid /generate batch, that /generate's steps hold several
 requests, and that seeded results do not depend on their company."""
@@ -25,10 +25,16 @@ from service_helpers import (
 )
 
 from service.app import create_app
-from service.collector import GONE_CHECK_AFTER_S, Arrivals, Collector
+from service.engine.admission import Admission
+from service.engine.batches import (
+    GONE_CHECK_AFTER_S,
+    LONG_BATCH_PATIENCE,
+    Arrivals,
+    BatchPolicy,
+    Collector,
+)
 from service.errors import ServiceError
 from service.metrics import Metrics
-from service.policy import LONG_BATCH_PATIENCE, BatchPolicy
 from service.state import MODEL_THREAD_NICE
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -74,8 +80,11 @@ class Bench:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
     def collector(self, max_batch_size: int = 64, max_wait: float = 0.05, eager: bool = True,
-                  **kw) -> Collector:
-        c = Collector(Metrics(), BatchPolicy(max_batch_size, max_wait, eager), **kw)
+                  max_queue: int = 512, timeout_s: float = 30.0, **kw) -> Collector:
+        metrics = Metrics()
+        admission = Admission(metrics, max_queue=max_queue, timeout_s=timeout_s)
+        c = Collector(metrics, BatchPolicy(max_batch_size, max_wait, eager),
+                      admission=admission, **kw)
         self.made.append(c)
         self.run(c.start())
         return c
@@ -583,6 +592,48 @@ def test_full_queue_over_http_is_503_with_retry_after():
             assert metric(text, "taming_rejected_total", reason="queue_full") == 2
             assert metric(text, "taming_requests_total", status="503") == 2
     run(main())
+
+
+def test_max_queue_bounds_every_queue_together_when_two_models_and_the_tokenizer_flood():
+    """TAMING_MAX_QUEUE is one bound: two transformers and the tokenizer flooded at once
+    queue at most max_queue images between them, and each is refused once it is reached."""
+    models = serving_models()
+    a, b = models["models"][:2]
+    app = create_app(settings(**models, max_queue=8, max_wait_ms=1000, generate_slots=1))
+    peaks: list[int] = []
+
+    async def main():
+        async with async_client(app) as c:
+            patient(app)
+            gate = app.state.service.admission
+            enter = gate.enter
+
+            def counted(n: int) -> None:
+                enter(n)
+                peaks.append(gate.queued)
+
+            gate.enter = counted
+            flood = ([c.post("/generate", json={"model": a, "seed": i, "n": 2}) for i in range(8)]
+                     + [c.post("/generate", json={"model": b, "seed": i, "n": 2}) for i in range(8)]
+                     + [c.post("/decode", json={"model": a, "tokens": [GRID, GRID]})
+                        for _ in range(8)])
+            pending = [asyncio.ensure_future(f) for f in flood]
+            while not any(p.done() for p in pending):  # the first refusals come back at once
+                await asyncio.sleep(0.01)
+            depth = metric((await c.get("/metrics")).text, "taming_queue_depth")
+            answers = await asyncio.gather(*pending)
+            text = (await c.get("/metrics")).text
+        return depth, answers, text
+
+    depth, answers, text = run(main())
+    assert max(peaks) <= 8 and depth <= 8, (max(peaks), depth)
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for r in answers:
+        if r.status_code == 503:
+            assert_error(r, 503, "overloaded")
+    assert metric(text, "taming_rejected_total", reason="queue_full") == statuses.count(503)
+    assert metric(text, "taming_queue_depth") == 0  # everything admitted ran
 
 
 def test_a_full_queue_refuses_before_reading_the_body():

@@ -146,13 +146,22 @@ def test_the_client_installs_without_torch(client_env, tmp_path):
 
 # ---- the Python client --------------------------------------------------------------------
 GENERATE = """
-import base64, json
-from taming_client import TamingClient
+import base64, inspect, json
+from taming_client import GenerateParams, TamingClient
 with TamingClient(URL, api_key=KEY) as c:
     g = c.generate(model="mnist", n=4, label=7, seed=1)
+    same = c.generate(GenerateParams(model="mnist", n=4, label=7, seed=1))
+    try:
+        c.generate(GenerateParams(seed=1), seed=2)
+        both = "accepted"
+    except TypeError:
+        both = "refused"
     import io
     buf = io.BytesIO(); g.mosaic().save(buf, format="PNG")
-    print(json.dumps({"model": g.model, "seed": g.seed, "seeds": g.seeds,
+    print(json.dumps({"model": g.model, "seed": g.seed, "seeds": g.seeds, "both": both,
+        "same": [t.tolist() for t in same.tokens] == [t.tolist() for t in g.tokens],
+        "keywords": [n for n, p in inspect.signature(c.stream).parameters.items()
+                     if p.kind == p.KEYWORD_ONLY],
         "tokens": [t.tolist() for t in g.tokens], "dtype": str(g.tokens[0].dtype),
         "pngs": [base64.b64encode(p).decode() for p in g.pngs],
         "sizes": [list(im.size) for im in g.images],
@@ -170,6 +179,10 @@ def test_generate_returns_what_the_api_answers(client_env, server, tmp_path):
     answer = api(server, "POST", "/generate", json=body,
                  headers={"Accept": "application/json"}).json()
     assert got["model"] == "mnist" and got["seed"] == 1 and got["seeds"] == [1, 2, 3, 4]
+    # one definition of the parameters: keywords or a GenerateParams, never both
+    assert got["same"] and got["both"] == "refused"
+    assert got["keywords"] == ["model", "n", "label", "seed", "temperature", "top_k", "top_p",
+                               "cfg_scale", "grid", "prefix"]
     assert got["dtype"] == "int64" and got["sizes"] == [[28, 28]] * 4
     assert got["tokens"] == [im["tokens"] for im in answer["images"]]
     assert got["pngs"] == [im["png"] for im in answer["images"]]

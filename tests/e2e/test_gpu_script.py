@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FILES = ("env", "sampler", "tokenizer", "util", "serve_eager_slots4", "serve_compiled_slots4",
          "summary")
 

@@ -1,8 +1,8 @@
-"""When a filling batch closes (service.policy), without the collector's machinery."""
+"""When a filling batch closes (service.engine.batches), without the collector's machinery."""
 
 from __future__ import annotations
 
-from service.policy import LONG_BATCH_PATIENCE, BatchPolicy
+from service.engine.batches import LONG_BATCH_PATIENCE, BatchPolicy
 
 
 def test_pipelined_batches_wait_max_wait_whatever_their_run_time():

@@ -173,7 +173,7 @@ def test_discovery_skips_folders_without_config(tmp_path):
 @pytest.mark.slow
 def test_a_client_that_hangs_up_costs_no_model_work():
     """In the collector: a queued job whose client left is dropped before compute. (The
-    generation engine frees a leaver's slots at the next step: tests/test_generation.py.)"""
+    generation engine frees a leaver's slots at the next step: tests/service/test_generation.py.)"""
     app = create_app(settings(**tiny_models("mnist"), max_wait_ms=1000))
     with live_server(app) as base:
         app.state.service.collector.policy.eager = False  # a batch waits for company

@@ -32,7 +32,7 @@ from models.checkpoint import load_bundle
 from models.sampling import make_batch, reference_generate
 from models.slots import graphs_built
 from service.app import create_app
-from service.cpus import cpu_budget
+from service.settings import cpu_budget
 
 JSON = {"Accept": "application/json"}
 STREAM = {"Accept": "text/event-stream"}

@@ -1,10 +1,12 @@
 """Hostile requests against a real server process (`python -m service`, uvicorn, the shipped
-mnist checkpoint): decompression bombs and bodies over the size limit."""
+mnist checkpoint): decompression bombs, bodies over the size limit, and connections that
+never finish their request header."""
 
 from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
 import struct
 import subprocess
@@ -26,6 +28,8 @@ from service.png import png_bytes
 
 pytestmark = pytest.mark.slow
 
+HEADER_TIMEOUT_S = 2.0  # the server's TAMING_HEADER_TIMEOUT_S (default 10)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -39,7 +43,7 @@ def server() -> Iterator[tuple[str, int]]:
     port = _free_port()
     env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), PYTHONPATH=str(ROOT),
                TAMING_CHECKPOINT_DIR=str(REAL), TAMING_MODELS="mnist", TAMING_TORCH_THREADS="1",
-               TAMING_LOG_LEVEL="warning")
+               TAMING_LOG_LEVEL="warning", TAMING_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S))
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
@@ -213,3 +217,94 @@ def test_expect_100_continue_gets_the_413_without_sending_the_body(server):
     assert head.startswith(b"HTTP/1.1 413 "), head  # no "100 Continue" first
     assert b"connection: close" in head.lower()
     assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+# ---- the door: request headers that never complete ---------------------------------------------
+HALF_OPEN = 300
+
+
+def _answer(s: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and when it closed (perf_counter)."""
+    s.settimeout(limit_s)
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            return data, time.perf_counter()
+        data += chunk
+
+
+def test_half_sent_headers_get_408_and_close_while_requests_in_flight_and_healthz_carry_on(
+        server):
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps({"n": 4, "seed": 1}).encode()
+    with httpx.Client(base_url=base, timeout=30) as client:
+        # a request whose header is complete, with its body still on its way past the
+        # deadline: the door is for headers only
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /generate HTTP/1.1\r\nHost: t\r\nAccept: application/json\r\n"
+                     b"Content-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:3])
+        opened = time.perf_counter()
+        half = []
+        for i in range(HALF_OPEN):
+            s = socket.create_connection(("127.0.0.1", port))
+            if i % 3:  # two in three send half a header, the rest nothing at all
+                s.sendall(b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Le")
+            half.append(s)
+        silent_keepalive = client.get("/healthz")  # a keep-alive connection, reused below
+        assert silent_keepalive.status_code == 200
+        health: list[float] = []
+        answers: dict[int, bytes] = {}
+        closed: dict[int, float] = {}
+        with selectors.DefaultSelector() as sel:
+            for i, s in enumerate(half):
+                s.setblocking(False)
+                sel.register(s, selectors.EVENT_READ, i)
+            while len(closed) < HALF_OPEN and time.perf_counter() - opened < HEADER_TIMEOUT_S + 10:
+                t0 = time.perf_counter()
+                assert client.get("/healthz").status_code == 200
+                health.append(time.perf_counter() - t0)
+                for key, _ in sel.select(timeout=0.05):
+                    chunk = key.fileobj.recv(4096)
+                    answers[key.data] = answers.get(key.data, b"") + chunk
+                    if not chunk:
+                        closed[key.data] = time.perf_counter() - opened
+                        sel.unregister(key.fileobj)
+        for s in half:
+            s.close()
+        slow.sendall(body[3:])  # the in-flight request carries on past the deadline
+        answer, _ = _answer(slow, 30)
+        slow.close()
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert len(json.loads(rest)["images"]) == 4
+        assert len(closed) == HALF_OPEN
+        for i in range(HALF_OPEN):
+            if i % 3:
+                head, _, rest = answers[i].partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 408 "), answers[i]
+                assert json.loads(rest)["error"]["code"] == "request_timeout"
+            else:
+                assert answers[i] == b"", answers[i]
+        # closed at the deadline, not before it and not long after it
+        assert min(closed.values()) >= HEADER_TIMEOUT_S - 0.1, min(closed.values())
+        assert max(closed.values()) < HEADER_TIMEOUT_S + 5, max(closed.values())
+        assert max(health) < 0.5, max(health)
+        assert client.get("/healthz").status_code == 200
+
+
+def test_a_late_header_on_a_kept_alive_connection_gets_408(server):
+    port = int(server[0].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = b""
+        while b"ok" not in first:
+            first += s.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        t0 = time.perf_counter()
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # the next request, never finished
+        data, at = _answer(s, 30)
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert HEADER_TIMEOUT_S - 0.1 <= at - t0 < HEADER_TIMEOUT_S + 5

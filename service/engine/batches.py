@@ -1,15 +1,17 @@
-"""The collector: dynamic batching for the tokenizer (/encode, /decode) and wide-grid
-/generate, which run a batch to completion.
+"""The batches: dynamic batching for the tokenizer (/encode, /decode) and wide-grid
+/generate, which run a batch to completion; the collector forms them.
 
-Requests become `Job`s in a queue keyed by (model, operation, shape): only jobs whose tensors
+Requests become `BatchJob`s in a queue keyed by (model, operation, shape): only jobs whose tensors
 stack share a batch. The worker, an asyncio task, picks the queue whose oldest job waited
-longest, lets the batch fill as the policy says (service.policy), and hands it to the device
-threads; the event loop never runs model work. One more batch than there are threads waits
+longest, lets the batch fill as the policy says, and hands it to the device
+threads; the event loop never runs model work. When a filling batch closes is the policy's
+call (`BatchPolicy`, kept apart from the mechanics). One more batch than there are threads waits
 ready, so a thread never idles while the loop sends the previous batch's answers.
 
-Admission: a bounded queue (`max_queue` images: 503 past it), a deadline per job (504 when it
-passes while queued), jobs whose client went away are dropped before compute, and
-out-of-memory splits a batch (service.oom). A job's state is its future: queued while its
+Admission (service.engine.admission, shared with the generation engines): a bound on the
+images queued everywhere (503 past it), a deadline per job (504 when it passes while
+queued); jobs whose client went away are dropped before compute, and
+out-of-memory splits a batch (engine.runner.split_on_oom). A job's state is its future: queued while its
 future is pending and it sits in a queue, finished once the future is done.
 """
 
@@ -28,12 +30,36 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .errors import RETRY_AFTER, ServiceError
-from .metrics import Metrics
-from .oom import split_on_oom
-from .policy import BatchPolicy
+from ..errors import ServiceError
+from ..metrics import Metrics
+from .admission import Admission
+from .runner import split_on_oom, too_big
 
 log = logging.getLogger("taming.batching")
+
+# A batch that runs alone waits this share of its recent run time for company (see patience)
+LONG_BATCH_PATIENCE = 0.1
+
+
+@dataclass
+class BatchPolicy:
+    max_batch_size: int
+    max_wait: float  # seconds after the first job's arrival
+    eager: bool = True  # close early for a lone client
+
+    def patience(self, runs_alone: bool, recent_run_s: float) -> float:
+        """How long a batch waits for company after its first job. A batch that runs alone
+        costs about the same nearly empty as full, so closing it while answered clients are
+        still coming back would make them wait a whole run: it waits a share of a run."""
+        if not runs_alone:
+            return self.max_wait
+        return max(self.max_wait, LONG_BATCH_PATIENCE * recent_run_s)
+
+    def close_early(self, arriving: int, device_busy: bool, last_batch_jobs: int) -> bool:
+        """A lone client never waits: nothing on its way, the device idle, and the last batch
+        a single request. Under load, requests still in socket buffers count as nothing on
+        its way, so closing on that alone would make batches of two or three."""
+        return self.eager and arriving <= 0 and not device_busy and last_batch_jobs <= 1
 
 # Batches handed to the device threads beyond one per thread: the next one waits there, ready,
 # while the event loop sends the last one's answers. Runners whose batches run long opt out.
@@ -57,13 +83,14 @@ class Runner(Protocol):
 
 
 @dataclass(eq=False, repr=False)  # a payload can be a large array: no repr by accident
-class Job:
+class BatchJob:
+    """One request's work in the collector: its payload and the future its handler awaits."""
+
     runner: Runner
     key: tuple
     payload: Any
     size: int  # images
     arrival: float  # loop.time()
-    deadline: float
     future: asyncio.Future
     is_gone: Callable[[], Awaitable[bool]] | None = None
     timer: asyncio.TimerHandle | None = None
@@ -93,18 +120,16 @@ class Arrivals:
 
 class Collector:
     def __init__(self, metrics: Metrics, policy: BatchPolicy, *, device: str = "cpu",
-                 max_queue: int = 512, timeout_s: float = 30.0, workers: int = 1,
+                 admission: Admission | None = None, workers: int = 1,
                  on_thread: Callable[[], None] | None = None,
                  arrivals: Arrivals | None = None) -> None:
         self.metrics = metrics
         self.policy = policy
         self.arrivals = arrivals or Arrivals()
         self.device = device
-        self.max_queue = max_queue
-        self.timeout_s = timeout_s
+        self.admission = admission or Admission(metrics)
         self.workers = workers
-        self.queued_images = 0
-        self.accepting = True
+        self.queued_images = 0  # in this collector's queues (the admission counts every queue)
         self._queues: dict[tuple, _Queue] = {}
         self._closing = False
         self._waiter: asyncio.Future | None = None
@@ -131,13 +156,13 @@ class Collector:
 
     def drain(self) -> None:
         """Refuse new jobs; queued and running ones still finish (without waiting for company)."""
-        self.accepting = False
+        self.admission.drain()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake)
 
     async def close(self) -> None:
         """Drain: finish every queued job, then stop the worker and its threads."""
-        self.accepting = False
+        self.admission.drain()
         self._closing = True
         self._wake()
         if self._task is not None:
@@ -147,26 +172,21 @@ class Collector:
     # ---- admission -------------------------------------------------------------------------
     def submit(self, runner: Runner, shape: Any, payload: Any, size: int,
                is_gone: Callable[[], Awaitable[bool]] | None = None,
-               admitted: bool = False) -> Job:
+               admitted: bool = False) -> BatchJob:
         """Queue a job of `size` images; raises ServiceError 503 when full or draining.
 
         `admitted`: part of a request the server already accepted (it arrived before
         draining began, or it is the decode of a sampled one): served whatever the queue.
         """
-        if not admitted:
-            if self._closing or not self.accepting:
-                self.metrics.rejected.labels("draining").inc()
-                raise ServiceError(503, "draining", "the server is shutting down", RETRY_AFTER)
-            self.check_room(size)
+        self.admission.admit(size, admitted, closing=self._closing and not admitted)
         loop = self._loop
         now = loop.time()
         key = (runner.model, runner.operation, shape)
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = _Queue(key, runner.operation, runner.model)
-        job = Job(runner, key, payload, size, now, now + self.timeout_s, loop.create_future(),
-                  is_gone)
-        job.timer = loop.call_at(job.deadline, self._expire, job)
+        job = BatchJob(runner, key, payload, size, now, loop.create_future(), is_gone)
+        job.timer = self.admission.deadline(loop, now, self._expire, job)
         job.future.add_done_callback(lambda _: self._unqueue(job))
         q.jobs.append(job)
         self._count(q, size)
@@ -174,26 +194,21 @@ class Collector:
             self._wake()  # idle, or filling this queue: check whether the batch can close
         return job
 
-    def check_room(self, size: int = 1) -> None:
-        """503 when the queue cannot take `size` more images (one job may always run alone).
-        Handlers ask before parsing a body too: under a retry storm a refusal stays cheap."""
-        if self.queued_images and self.queued_images + size > self.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ServiceError(503, "overloaded",
-                               f"the queue is full ({self.queued_images} images waiting)",
-                               RETRY_AFTER)
-
-    async def result(self, job: Job) -> dict[str, np.ndarray]:
+    async def result(self, job: BatchJob) -> dict[str, np.ndarray]:
         """The job's arrays; a cancelled handler cancels its future, which unqueues it."""
         return await job.future
 
     def _count(self, q: _Queue, n: int) -> None:
         q.images += n
         self.queued_images += n
+        if n > 0:
+            self.admission.enter(n)
+        else:
+            self.admission.leave(-n)
         # inc, not set: /generate's series also counts the generation engine's waiting images
         self.metrics.queue_depth.labels(q.operation, q.model).inc(n)
 
-    def _unqueue(self, job: Job) -> None:
+    def _unqueue(self, job: BatchJob) -> None:
         """The job's future is done: if it still waits in its queue, it leaves it."""
         if job.timer is not None:
             job.timer.cancel()
@@ -202,14 +217,13 @@ class Collector:
             q.jobs.remove(job)
             self._count(q, -job.size)
 
-    def _expire(self, job: Job) -> None:
-        self._reject(job, "deadline", ServiceError(
-            504, "deadline_exceeded",
-            f"the request waited {self.timeout_s:g} s in the queue without running"))
+    def _expire(self, job: BatchJob) -> None:
+        self._reject(job, "deadline", self.admission.timed_out(
+            f"the request waited {self.admission.timeout_s:g} s in the queue without running"))
 
-    def _reject(self, job: Job, reason: str, exc: BaseException) -> None:
+    def _reject(self, job: BatchJob, reason: str, exc: BaseException) -> None:
         if not job.future.done():
-            self.metrics.rejected.labels(reason).inc()
+            self.admission.reject(reason)
             job.future.set_exception(exc)
 
     def _wake(self) -> None:
@@ -253,7 +267,7 @@ class Collector:
             patience = policy.patience(_runs_alone(q), self._batch_s.get(q.key[:2], 0.0))
             self._waiting_on = q
             try:
-                while (q.images < policy.max_batch_size and self.accepting and q.jobs
+                while (q.images < policy.max_batch_size and self.admission.accepting and q.jobs
                        and q.jobs[0] is head):
                     left = head.arrival + patience - loop.time()
                     if left <= 0 or policy.close_early(self.arrivals.n, bool(self._running),
@@ -271,9 +285,9 @@ class Collector:
             await asyncio.wait(set(self._running))
         await asyncio.sleep(0)  # let the last delivery callbacks run
 
-    async def _take(self, q: _Queue) -> list[Job]:
+    async def _take(self, q: _Queue) -> list[BatchJob]:
         """Pop up to max_batch_size images of live jobs (an oversized job goes alone)."""
-        taken: list[Job] = []
+        taken: list[BatchJob] = []
         total = 0
         loop = self._loop
         limit = self.policy.max_batch_size
@@ -299,7 +313,7 @@ class Collector:
             total += job.size
         return taken
 
-    def _launch(self, q: _Queue, jobs: list[Job]) -> None:
+    def _launch(self, q: _Queue, jobs: list[BatchJob]) -> None:
         """Hand a batch to a device thread; its results are delivered by a callback, so the
         worker is free to form the next batch meanwhile."""
         self._last_jobs = len(jobs)
@@ -310,7 +324,7 @@ class Collector:
         self._running.add(fut)
         fut.add_done_callback(lambda f: self._deliver(q, jobs, f))
 
-    def _deliver(self, q: _Queue, jobs: list[Job], fut: asyncio.Future) -> None:
+    def _deliver(self, q: _Queue, jobs: list[BatchJob], fut: asyncio.Future) -> None:
         self._running.discard(fut)
         self._slots.release()
         self._wake()
@@ -332,19 +346,19 @@ class Collector:
                 continue
             if isinstance(r, BaseException):
                 if isinstance(r, ServiceError) and r.code == "out_of_memory":
-                    self.metrics.rejected.labels("out_of_memory").inc()
+                    self.admission.reject("out_of_memory")
                 j.future.set_exception(r)
             else:
                 j.future.set_result(r)
 
     # ---- on the device thread --------------------------------------------------------------
-    def _timed_compute(self, jobs: list[Job]) -> tuple[list, float, float]:
+    def _timed_compute(self, jobs: list[BatchJob]) -> tuple[list, float, float]:
         """(results, start, end): the batch's own compute time, without its wait for the
         thread (the batch before it may still be running when it is handed over)."""
         start = time.monotonic()  # the clock of loop.time()
         return self._compute(jobs), start, time.monotonic()
 
-    def _compute(self, jobs: list[Job]) -> list[dict | BaseException]:
+    def _compute(self, jobs: list[BatchJob]) -> list[dict | BaseException]:
         runner = jobs[0].runner
         limit = self.policy.max_batch_size
         with torch.inference_mode():
@@ -372,8 +386,7 @@ class Collector:
 
     @staticmethod
     def _too_big(runner: Runner, e: BaseException) -> ServiceError:
-        log.error("out of memory on a single image of %s/%s", runner.model, runner.operation)
-        return ServiceError(503, "out_of_memory", "out of memory even for one image", RETRY_AFTER)
+        return too_big(runner.model, runner.operation)
 
 
 GONE_CHECK_AFTER_S = 0.05
@@ -384,7 +397,7 @@ def _runs_alone(q: _Queue) -> bool:
     return not getattr(q.jobs[0].runner, "pipelined", True)
 
 
-async def _gone(job: Job) -> bool:
+async def _gone(job: BatchJob) -> bool:
     try:
         return await job.is_gone()
     except Exception:  # cannot tell: compute it
@@ -392,7 +405,7 @@ async def _gone(job: Job) -> bool:
         return False
 
 
-def _offsets(jobs: list[Job]) -> list[int]:
+def _offsets(jobs: list[BatchJob]) -> list[int]:
     out, at = [], 0
     for j in jobs:
         out.append(at)

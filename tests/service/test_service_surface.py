@@ -111,7 +111,7 @@ def test_operation_ids_are_the_handler_names(client):
 
 
 def test_encode_documents_its_model_parameter(client):
-    """/encode reads ?model= itself (service/front.py serves it past FastAPI), so its schema
+    """/encode reads ?model= itself (service.app.InferenceRoutes serves it past FastAPI), so its schema
     says by hand what FastAPI would have derived."""
     op = client.get("/openapi.json").json()["paths"]["/encode"]["post"]
     params = {p["name"]: p for p in op["parameters"]}

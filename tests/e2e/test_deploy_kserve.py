@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KSERVE = ROOT / "deploy" / "k8s" / "kserve"
 PORT = 8000
 LIVE, READY = "/v2/health/live", "/v2/health/ready"

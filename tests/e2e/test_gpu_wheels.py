@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPS = ROOT / "bench" / "gpu_deps.sh"
 MAX_MIB = 64
 # What a CUDA host brings itself; the wheelhouse must not carry them.

@@ -1,0 +1,79 @@
+"""Admission: the one gate in front of every queue (generation and batches, every model).
+
+It counts the images queued in all of them together, so TAMING_MAX_QUEUE bounds that total;
+it refuses work while the server drains; it arms each job's deadline (504); and it counts
+every refusal in `taming_rejected` by reason. The queues themselves stay with their owners:
+`enter` and `leave` tell the gate what they hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+from ..errors import RETRY_AFTER, ServiceError
+from ..metrics import Metrics
+
+
+class Admission:
+    """Shared by the generation engines and the batcher of one service. `enter` is called on
+    the event loop, `leave` also on lane threads: the count has a lock of its own."""
+
+    def __init__(self, metrics: Metrics, *, max_queue: int = 512,
+                 timeout_s: float = 30.0) -> None:
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.queued = 0  # images waiting in every queue, not yet in a slot or a batch
+        self.accepting = True
+        self._lock = threading.Lock()
+
+    # ---- the gate (event loop) -------------------------------------------------------------
+    def check_room(self, n: int = 1) -> None:
+        """503 when the queues cannot take `n` more images (one job may always wait alone).
+        Handlers ask before parsing a body too: under a retry storm a refusal stays cheap."""
+        queued = self.queued
+        if queued and queued + n > self.max_queue:
+            self.reject("queue_full")
+            raise ServiceError(503, "overloaded", f"the queue is full ({queued} images waiting)",
+                               RETRY_AFTER)
+
+    def admit(self, n: int, admitted: bool = False, closing: bool = False) -> None:
+        """Let `n` images in, or raise 503: draining (or `closing`, its owner stopping), or
+        no room. `admitted`: part of a request the server accepted already (it arrived
+        before draining began, or it is the decode of a sampled one): let in whatever the
+        queue holds. The caller then queues the images and calls `enter(n)`."""
+        if closing or not (self.accepting or admitted):
+            self.reject("draining")
+            raise ServiceError(503, "draining", "the server is shutting down", RETRY_AFTER)
+        if not admitted:
+            self.check_room(n)
+
+    def drain(self) -> None:
+        """SIGTERM: new work is refused; what is queued still runs."""
+        self.accepting = False
+
+    # ---- the count -------------------------------------------------------------------------
+    def enter(self, n: int) -> None:
+        with self._lock:
+            self.queued += n
+
+    def leave(self, n: int) -> None:
+        with self._lock:
+            self.queued -= n
+
+    # ---- deadlines and refusals ------------------------------------------------------------
+    def deadline(self, loop: asyncio.AbstractEventLoop, arrival: float,
+                 expire: Callable[..., None], *args) -> asyncio.TimerHandle:
+        """Call `expire(*args)` when the deadline of work that arrived at `arrival`
+        (loop.time()) passes; the caller answers with `timed_out(...)`."""
+        return loop.call_at(arrival + self.timeout_s, expire, *args)
+
+    @staticmethod
+    def timed_out(message: str) -> ServiceError:
+        """The 504 of a job whose deadline passed."""
+        return ServiceError(504, "deadline_exceeded", message)
+
+    def reject(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason).inc()

@@ -1,0 +1,366 @@
+"""The generation engine: lanes (threads) stepping their rows, and the bridge to the event loop.
+
+Each transformer gets `lanes` threads, each with its own scheduler (which image holds which
+rows) and step runner (those rows on the device). A lane loops: take waiting images into
+free rows, run one step over the occupied rows (padded to a fixed size), decode and hand out
+what finished. Images join at any step boundary and leave the moment their last token is
+picked, so a request never waits for another one's tail. Lanes pull from one shared queue,
+so whichever lane has room takes the next image. A lane decodes its finished images (and
+streamed previews) itself, at its own priority: through the tokenizer's batches they queued
+behind /encode on niced threads.
+
+The event loop only submits and cancels; lanes report back with `call_soon_threadsafe`.
+A job is the single source of truth for its request: which images are done, whether it was
+cancelled (client gone, deadline), and the future its handler awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.gpt import GPT
+from models.sampling import SamplingBatch
+
+from ..errors import ServiceError
+from ..metrics import Metrics
+from .admission import Admission
+from .runner import StepRunner
+from .scheduler import Image, Scheduler
+
+log = logging.getLogger("taming.generation")
+
+
+@dataclass(eq=False, repr=False)
+class GenerateJob:
+    """One /generate request in the engine. Lanes touch it under the engine's lock."""
+
+    n: int
+    image: Callable[[int], SamplingBatch]  # image i's seeded one-row batch (built by a lane)
+    guided: bool
+    grid: tuple[int, int]
+    future: asyncio.Future
+    arrival: float
+    filtered: bool  # uses top-k or top-p: its lane steps with the sort
+    # (image, row, tokens, preview): the preview decodes the rows so far, black below
+    on_row: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None
+    tokens: np.ndarray = field(init=False)
+    images: np.ndarray | None = None  # (n, H, W, C) uint8, filled as images finish
+    left: int = field(init=False)  # images not finished
+    cancelled: str | None = None  # why it must leave (client_gone, deadline)
+    started: float | None = None  # when its first image entered a slot (loop.time())
+    first_row: float | None = None
+    finished: float | None = None
+    company: int = 0  # images sampling in its lane at its first step
+
+    def __post_init__(self) -> None:
+        self.tokens = np.zeros((self.n, self.grid[0] * self.grid[1]), dtype=np.int64)
+        self.left = self.n
+
+
+class Lane:
+    """One thread, one scheduler, one step runner: steps the rows it holds until told to
+    stop. It reaches the engine only through its public methods (take, finish, fail)."""
+
+    def __init__(self, engine: GenerationEngine, index: int, runner: StepRunner) -> None:
+        self.engine = engine
+        self.index = index
+        self.runner = runner
+        self.scheduler = Scheduler(runner.capacity, runner.sizes, runner.cols, runner.seq_len)
+        self.prepared = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"taming-gen-{engine.name}-{index}",
+                                       daemon=True)
+
+    @property
+    def active(self) -> list[Image]:
+        return self.scheduler.active
+
+    def _prepare(self) -> None:
+        e = self.engine
+        if e.on_thread is not None:
+            e.on_thread()
+        with torch.inference_mode():
+            eager = self.runner.prepare(e.compile, e.compile_deadline)
+        if eager:
+            log.warning("%s lane %d: compile budget spent; %d step graphs run eager",
+                        e.name, self.index, eager)
+
+    def _run(self) -> None:
+        e = self.engine
+        try:
+            if self.index:  # one lane at a time: the first compiles, the others reuse
+                e.lanes[self.index - 1].prepared.wait()
+            self._prepare()
+        except BaseException as exc:  # start-up reports it; the lane never serves
+            e.lane_failed(self, exc)
+            return
+        finally:
+            self.prepared.set()
+        e.lane_ready(self)
+        with torch.inference_mode():
+            while True:
+                joined = e.take(self)
+                if joined is None:
+                    break
+                try:
+                    self._admit(joined)
+                    if self.scheduler.active:
+                        self._step()
+                except Exception as exc:  # a bug or a device fault: its images fail, not the lane
+                    self._fail(joined, exc)
+
+    def _admit(self, joined: list[Image]) -> None:
+        if not joined:
+            return
+        s = self.scheduler
+        for im in joined:
+            if not im.job.company:
+                im.job.company = len(s.active) + len(joined)
+        self.runner.admit(joined)
+        s.admit(joined)
+        self.engine.count_active()
+
+    def _step(self) -> None:
+        """Compact, step, advance; then decode, release and deliver what finished."""
+        e, s, r = self.engine, self.scheduler, self.runner
+        size, src, dst = s.compact()
+        r.move(src, dst)
+        t0 = time.perf_counter()
+        r.step(size, s.filtered)
+        rows, finished = s.advance()
+        codes = r.codes(rows + finished) if rows or finished else {}
+        dt = time.perf_counter() - t0
+        # decoded while they still hold their rows: a fault fails them with the rest
+        pictures = r.pictures(rows, finished, codes, e.decode) if codes else {}
+        e.metrics.step_duration.labels(e.name, str(size)).observe(dt)
+        e.metrics.batch_size.labels("generate", e.name).observe(len(s.active))
+        if finished:  # their rows are free before anyone hears they are done
+            r.release(s.release(finished))
+            e.count_active()
+        if codes:
+            e.finish(rows, finished, codes, pictures)
+
+    def drop_cancelled(self) -> None:
+        """Called under the engine lock: rows of cancelled jobs leave now."""
+        gone = self.scheduler.cancelled()
+        if gone:
+            self.runner.release(self.scheduler.release(gone))
+            self.engine.count_active()
+
+    def _fail(self, joined: list[Image], exc: Exception) -> None:
+        """Every image the lane holds leaves, and their requests answer 500; the lane starts
+        over from empty rows."""
+        e = self.engine
+        log.error("generation lane %s/%d failed a step", e.name, self.index, exc_info=exc)
+        held = {id(im): im for im in [*joined, *self.scheduler.clear()]}
+        self.runner.release(list(range(self.runner.capacity)))
+        e.count_active()
+        e.fail({id(im.job): im.job for im in held.values()}.values(),
+               ServiceError(500, "internal_error", f"model error: {type(exc).__name__}"))
+
+
+class GenerationEngine:
+    """Continuous batching for one transformer: lanes of rows over one queue of images."""
+
+    def __init__(self, name: str, gpt: GPT, metrics: Metrics, *, slots: int, lanes: int,
+                 compile: bool, admission: Admission,
+                 compile_deadline: float = float("inf"),
+                 decode: Callable[[torch.Tensor], torch.Tensor],
+                 on_thread: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.decode = decode  # int64 grids (B, rows, cols) on the model's device -> uint8 images
+        self.metrics = metrics
+        self.compile = compile
+        self.compile_deadline = compile_deadline  # time.monotonic(): later sizes stay eager
+        self.admission = admission
+        self.on_thread = on_thread
+        rows = 2 * slots  # a guided image holds two rows
+        per_lane = max(2, -(-rows // lanes))
+        self.lanes = [Lane(self, i, StepRunner(name, gpt, per_lane, metrics))
+                      for i in range(lanes)]
+        self._lock = threading.Condition()
+        self._waiting: deque[Image] = deque()
+        self._stopping = False
+        self._ready = 0
+        self._started: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- life cycle (event loop) -----------------------------------------------------------
+    async def start(self) -> None:
+        """Start the lanes; returns once every lane compiled and ran each size once."""
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.create_future()
+        for lane in self.lanes:
+            lane.thread.start()
+        await self._started
+
+    async def close(self) -> None:
+        """Finish every admitted image, then stop the lanes."""
+        self.admission.drain()
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        for lane in self.lanes:
+            await asyncio.to_thread(lane.thread.join)
+
+    # ---- requests (event loop) -------------------------------------------------------------
+    def submit(self, n: int, image: Callable[[int], SamplingBatch], *, guided: bool,
+               grid: tuple[int, int], filtered: bool = True,
+               on_row: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
+               admitted: bool = False) -> GenerateJob:
+        """Queue one request of n images; `image(i)` builds image i's seeded row."""
+        self.admission.admit(n, admitted, closing=self._stopping)
+        loop = self._loop
+        job = GenerateJob(n, image, guided, grid, loop.create_future(), loop.time(), filtered,
+                          on_row)
+        with self._lock:
+            self._waiting.extend(Image(job, i) for i in range(n))
+            self.admission.enter(n)
+            self.metrics.queue_depth.labels("generate", self.name).inc(n)
+            self._lock.notify_all()
+        self.admission.deadline(loop, job.arrival, self._expire, job)
+        return job
+
+    def cancel(self, job: GenerateJob, reason: str, error: ServiceError) -> None:
+        """The job's images leave at the next step, counted as rejected for `reason`; its
+        handler gets `error` (a handler that was itself cancelled has cancelled the future
+        already)."""
+        if self.withdraw(job, reason, error):
+            self.admission.reject(reason)
+
+    def withdraw(self, job: GenerateJob, reason: str, error: ServiceError) -> bool:
+        """`cancel` without counting it; False when the job had left already."""
+        if job.cancelled or job.finished is not None:
+            return False
+        with self._lock:
+            job.cancelled = reason
+            before = len(self._waiting)
+            self._waiting = deque(im for im in self._waiting if im.job is not job)
+            self.admission.leave(before - len(self._waiting))
+            self.metrics.queue_depth.labels("generate", self.name).dec(before - len(self._waiting))
+        if not job.future.done():
+            job.future.set_exception(error)
+        return True
+
+    def _expire(self, job: GenerateJob) -> None:
+        if not job.future.done() or job.future.cancelled():
+            self.cancel(job, "deadline", self.admission.timed_out(
+                f"the request did not finish within {self.admission.timeout_s:g} s"))
+
+    # ---- called by the lanes, on their threads ---------------------------------------------
+    def lane_ready(self, lane: Lane) -> None:
+        with self._lock:
+            self._ready += 1
+            if self._ready == len(self.lanes):
+                self._loop.call_soon_threadsafe(_resolve, self._started, None)
+
+    def lane_failed(self, lane: Lane, exc: BaseException) -> None:
+        log.error("generation lane %s/%d failed to start", self.name, lane.index, exc_info=exc)
+        self._loop.call_soon_threadsafe(_resolve, self._started, exc)
+
+    def take(self, lane: Lane) -> list[Image] | None:
+        """Waiting images seated in the lane's free rows (None: stop the lane). Blocks while
+        there is nothing to do."""
+        with self._lock:
+            lane.drop_cancelled()
+            while not self._waiting and not lane.scheduler.active:
+                if self._stopping:
+                    return None
+                self._lock.wait()
+                lane.drop_cancelled()
+            joined: list[Image] = []
+            now = None
+            while self._waiting and lane.scheduler.seat(self._waiting[0]):
+                im = self._waiting.popleft()
+                joined.append(im)
+                job = im.job
+                if job.started is None:
+                    now = now or self._loop.time()
+                    job.started = now
+                    self.metrics.queue_wait.labels("generate", self.name).observe(
+                        now - job.arrival)
+            if joined:
+                self.admission.leave(len(joined))
+                self.metrics.queue_depth.labels("generate", self.name).dec(len(joined))
+            return joined
+
+    def count_active(self) -> None:
+        self.metrics.slots_active.labels(self.name).set(
+            sum(len(lane.scheduler.active) for lane in self.lanes))
+
+    def fail(self, jobs, error: ServiceError) -> None:
+        """These jobs answer `error` (their images have left their lane)."""
+        for job in jobs:
+            self._loop.call_soon_threadsafe(self.withdraw, job, "internal_error", error)
+
+    def finish(self, rows: list[Image], finished: list[Image], codes: dict[int, np.ndarray],
+               pictures: dict[int, np.ndarray]) -> None:
+        """Copy codes and images into their jobs (lane thread), then tell the event loop.
+        A request with an image that could not be decoded fails with that error."""
+        failed = {id(im.job): (im.job, p) for im in rows + finished
+                  if isinstance(p := pictures.get(id(im)), ServiceError)}
+        for job, error in failed.values():
+            self._loop.call_soon_threadsafe(self.cancel, job, error.code, error)
+        cols = self.lanes[0].runner.cols
+        events = []
+        for im in rows:
+            if id(im.job) in failed:
+                continue
+            r = im.pos // cols - 1
+            if im.job.on_row is None:  # the time to its first row only
+                events.append((im.job, im.index, r, None, None))
+            else:
+                events.append((im.job, im.index, r,
+                               codes[im.cond][r * cols: im.pos].copy(), pictures[id(im)]))
+        done = []
+        with self._lock:  # two lanes may finish images of one job at once
+            for im in finished:
+                if id(im.job) in failed:
+                    continue
+                job, image = im.job, pictures[id(im)]
+                job.tokens[im.index] = codes[im.cond]
+                if job.images is None:
+                    job.images = np.zeros((job.n, *image.shape), dtype=image.dtype)
+                job.images[im.index] = image
+                job.left -= 1
+                if job.left == 0:
+                    done.append(job)
+        self._loop.call_soon_threadsafe(self._report, events, done)
+
+    # ---- back on the event loop ------------------------------------------------------------
+    def _report(self, events: list, done: list[GenerateJob]) -> None:
+        now = self._loop.time()
+        for job, image, row, cells, preview in events:
+            if job.cancelled or job.future.done():
+                continue
+            if job.first_row is None:
+                job.first_row = now
+                self.metrics.time_to_first_row.labels(self.name).observe(now - job.arrival)
+            if job.on_row is not None:
+                job.on_row(image, row, cells, preview)
+        for job in done:
+            if not job.future.done():
+                job.finished = now
+                job.future.set_result(job.tokens)
+
+
+def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+def lane_count(device: str, cpu_budget: int) -> int:
+    """One lane per core on CPU (each a one-thread sampler); one per GPU."""
+    return 1 if device.startswith("cuda") else max(1, cpu_budget)
