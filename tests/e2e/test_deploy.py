@@ -345,6 +345,7 @@ def _rules() -> list[dict]:
     return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
+@pytest.mark.slow  # starts a server to read what it exports
 def test_alerts_cover_errors_saturation_and_latency_with_exported_metrics(exported):
     rules = _rules()
     exprs = " ".join(r["expr"] for r in rules)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # a real server process (or kustomize) per module
+
 ROOT = Path(__file__).resolve().parents[2]
 KSERVE = ROOT / "deploy" / "k8s" / "kserve"
 PORT = 8000

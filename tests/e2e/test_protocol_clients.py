@@ -26,6 +26,8 @@ from PIL import Image
 from service_helpers import ROOT, metric, serving_models
 from tritonclient.utils import InferenceServerException
 
+pytestmark = pytest.mark.slow  # a real server process (or kustomize) per module
+
 KEY = "protocol-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
