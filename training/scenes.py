@@ -25,7 +25,6 @@ from models.sampling import SAMPLING_DEFAULTS
 from .common import pick_device
 from .data import load_dataset
 from .evaluation import publish
-from .photos import PhotoCrops
 
 PATCH = 7
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
@@ -130,7 +129,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     size = bundle.vqvae.config.image_size
     data = load_dataset(bundle.config["dataset"], size, crops=1, seed=args.seed)
     held_out = data.test.images  # fixed-seed crops of the held-out photographs
-    if not isinstance(data.train.images, PhotoCrops) or len(held_out) < 2 * args.images:
+    if not data.streamed or len(held_out) < 2 * args.images:
         raise SystemExit(f"{folder}: needs a photo data set with {2 * args.images} held-out crops")
     ref, other = held_out[: args.images], held_out[args.images: 2 * args.images]
     recon = _reconstruct(bundle.vqvae, other)
