@@ -22,7 +22,10 @@ cell). A relative model never learns where in the training crop a cell is, so a 
 once stays valid wherever the window later sits over a larger canvas.
 
 The cached forward (`forward_cached`) runs one query per row against that row's own KV cache:
-the step of the serving engine (models/slots.py) and of the training-grid sampler.
+the step of the serving engine (models/slots.py) and of the training-grid sampler. The gathered
+forward (`forward_gathered`) runs one query per cell of a canvas larger than the training grid
+against keys gathered from a shared store by index (models/canvas.py says which): only a
+relative model's keys stay valid there.
 """
 
 from __future__ import annotations
@@ -159,6 +162,23 @@ class CausalSelfAttention(nn.Module):
         y = torch.bmm(att.softmax(dim=-1), cache_v[:B].reshape(B * nh, T, hd))
         return self.proj(y.view(B, C))
 
+    def gathered(self, x: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
+                 read: torch.Tensor, write: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One query per row (x: (B, C)) over the keys at `read` (B, S) of a store
+        (slots, heads, head_dim) and its own key last; then its key and value go to the
+        store at `write` (B,). `bias`: (B, heads, S + 1) additive."""
+        B, C = x.shape
+        nh, hd = self.n_head, self.head_dim
+        q, k, v = self.qkv(x).split(C, dim=1)
+        k, v = k.view(B, 1, nh, hd), v.view(B, 1, nh, hd)
+        keys = torch.cat([store_k[read], k], dim=1)  # (B, S + 1, heads, head_dim)
+        values = torch.cat([store_v[read], v], dim=1)
+        att = torch.einsum("bhd,bshd->bhs", q.view(B, nh, hd), keys) / math.sqrt(hd) + bias
+        y = torch.einsum("bhs,bshd->bhd", att.softmax(dim=-1), values)
+        store_k[write] = k[:, 0]
+        store_v[write] = v[:, 0]
+        return self.proj(y.reshape(B, C))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
@@ -185,6 +205,10 @@ class Block(nn.Module):
 
     def cached(self, x, cache_k, cache_v, rows, pos, bias):
         x = x + self.attn.cached(self.ln1(x), cache_k, cache_v, rows, pos, bias)
+        return x + self.mlp(self.ln2(x))
+
+    def gathered(self, x, store_k, store_v, read, write, bias):
+        x = x + self.attn.gathered(self.ln1(x), store_k, store_v, read, write, bias)
         return x + self.mlp(self.ln2(x))
 
 
@@ -271,6 +295,20 @@ class GPT(nn.Module):
         bias = bias.transpose(0, 1).expand(B, self.config.n_head, T).reshape(-1, 1, T)
         for blk, k, v in zip(self.blocks, cache_k, cache_v, strict=True):
             x = blk.cached(x, k, v, rows, pos, bias)
+        return self.head(self.ln_f(x))
+
+    def forward_gathered(self, token: torch.Tensor, store_k: torch.Tensor,
+                         store_v: torch.Tensor, read: torch.Tensor, write: torch.Tensor,
+                         bias: torch.Tensor) -> torch.Tensor:
+        """One token per row, each attending to the keys at `read` (B, S) of per-layer
+        stores (layers, slots, heads, head_dim) and to its own, which it then writes at
+        `write` (B,) -> logits (B, K). `bias` (B, heads, S + 1): the relative biases, -inf
+        where a read slot holds no key. Relative positions only (no embedding of where)."""
+        if not self.relative:
+            raise ValueError("a gathered forward needs relative positions")
+        x = self.tok_emb(token)
+        for blk, k, v in zip(self.blocks, store_k, store_v, strict=True):
+            x = blk.gathered(x, k, v, read, write, bias)
         return self.head(self.ln_f(x))
 
     def training_inputs(self, codes: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
