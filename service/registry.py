@@ -40,6 +40,7 @@ class ModelEntry:
     defaults: dict
     info: dict = field(default_factory=dict)
     tokenizer: Any = None  # encode/decode: a FrozenTokenizer, or the eager VQ-VAE
+    max_grid: tuple[int, int] = (32, 32)  # largest grid /generate and /decode take
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -48,6 +49,12 @@ class ModelEntry:
     @property
     def can_generate(self) -> bool:
         return self.bundle.gpt is not None
+
+    @property
+    def canvases(self) -> bool:
+        """Whether grids beyond its own are cached canvases in the generation engine (a
+        relative-position transformer), not the paper's re-forwarding sampler."""
+        return self.can_generate and self.bundle.gpt.relative
 
     @property
     def channels(self) -> int:
@@ -122,7 +129,7 @@ def describe(entry: ModelEntry, settings: Settings) -> dict:
         "image_size": list(entry.image_size),
         "channels": entry.channels,
         "grid": list(entry.grid),
-        "max_grid": [settings.max_grid, settings.max_grid],
+        "max_grid": list(entry.max_grid),
         "codebook_size": entry.codebook_size,
         "classes": list(b.classes),
         "can_generate": entry.can_generate,
@@ -131,6 +138,18 @@ def describe(entry: ModelEntry, settings: Settings) -> dict:
         "device": entry.device,
         "evaluation": cfg.get("evaluation") or {},
     }
+
+
+def max_grid_of(cfg: dict, default: int, folder: Path) -> tuple[int, int]:
+    """A checkpoint's own largest grid (config.json `max_grid`: [rows, cols], e.g. the
+    canvases a scene model paints), else TAMING_MAX_GRID for both."""
+    given = cfg.get("max_grid")
+    if given is None:
+        return (default, default)
+    if (not isinstance(given, list) or len(given) != 2
+            or not all(isinstance(v, int) and v >= 1 for v in given)):
+        raise CheckpointError(f"{folder / CONFIG}: max_grid must be [rows, cols], got {given!r}")
+    return (given[0], given[1])
 
 
 def load_models(settings: Settings) -> dict[str, ModelEntry]:
@@ -142,15 +161,16 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
         name = bundle.name
         if name in models:
             raise CheckpointError(f"{folder}: a second model named {name!r}")
-        max_img = settings.max_grid * bundle.vqvae.config.downsample
-        if max(bundle.vqvae.config.image_size) > max_img:
-            log.warning("%s: image size exceeds TAMING_MAX_GRID tokens", folder)
+        max_grid = max_grid_of(bundle.config, settings.max_grid, folder)
+        if any(s > m * bundle.vqvae.config.downsample
+               for s, m in zip(bundle.vqvae.config.image_size, max_grid, strict=True)):
+            log.warning("%s: image size exceeds the largest grid %s", folder, list(max_grid))
         try:
             defaults = sampling_defaults(bundle.config)
         except CheckpointError as e:
             raise CheckpointError(f"{folder}/{e}") from e
         entry = ModelEntry(name=name, bundle=bundle, device=device, defaults=defaults,
-                           tokenizer=frozen_tokenizer(bundle.vqvae))
+                           tokenizer=frozen_tokenizer(bundle.vqvae), max_grid=max_grid)
         if entry.can_generate:
             try:  # the shipped defaults must be valid settings for this model
                 make_batch(bundle.gpt.config, 1, entry.grid, **{

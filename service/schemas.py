@@ -54,8 +54,9 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
         "Seed of image 0; image i uses seed + i. Omitted: random, returned in X-Seed."))
     grid: list[int] | None = Field(None, min_length=2, max_length=2, description=(
-        "[rows, cols] of tokens; default the model's grid; larger = sliding-window sampling, "
-        "up to [max_grid, max_grid] (see GET /models/{name})."))
+        "[rows, cols] of tokens; default the model's grid; larger = a canvas (sliding-window "
+        "sampling: cached and streamable for relative-position models), up to the model's "
+        "max_grid (see GET /models/{name})."))
     prefix: list[int] | list[list[int]] | None = Field(None, max_length=MAX_PREFIX, description=(
         "Token ids to keep, in raster order: a flat list, or rows of the grid (the last row "
         "may be partial). The sampler completes the rest."))

@@ -205,8 +205,10 @@ class Service:
             ctx["compute_ms"] = round(job.compute_s * 1000, 2)
 
     def can_step(self, entry: ModelEntry, grid: tuple[int, int]) -> bool:
-        """Whether the generation engine samples this grid (the model's own), or the wide lane."""
-        return entry.name in self.generators and tuple(grid) == tuple(entry.grid)
+        """Whether the generation engine samples this grid (the model's own, or any canvas of
+        a relative model), or the collector's re-forwarding sampler."""
+        return entry.name in self.generators and (
+            tuple(grid) == tuple(entry.grid) or entry.canvases)
 
     def sample(self, request: Request, entry: ModelEntry, payload: GeneratePayload,
                on_row=None) -> GenerateJob:

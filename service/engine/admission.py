@@ -65,10 +65,12 @@ class Admission:
 
     # ---- deadlines and refusals ------------------------------------------------------------
     def deadline(self, loop: asyncio.AbstractEventLoop, arrival: float,
-                 expire: Callable[..., None], *args) -> asyncio.TimerHandle:
+                 expire: Callable[..., None], *args,
+                 timeout_s: float | None = None) -> asyncio.TimerHandle:
         """Call `expire(*args)` when the deadline of work that arrived at `arrival`
-        (loop.time()) passes; the caller answers with `timed_out(...)`."""
-        return loop.call_at(arrival + self.timeout_s, expire, *args)
+        (loop.time()) passes (`timeout_s` later, default the request timeout); the caller
+        answers with `timed_out(...)`."""
+        return loop.call_at(arrival + (timeout_s or self.timeout_s), expire, *args)
 
     @staticmethod
     def timed_out(message: str) -> ServiceError:

@@ -9,6 +9,12 @@ so whichever lane has room takes the next image. A lane decodes its finished ima
 streamed previews) itself, at its own priority: through the tokenizer's batches they queued
 behind /encode on niced threads.
 
+A canvas (a grid beyond the model's, for a relative model: models/canvas.py) is one image
+that a lane holds beside its rows, one canvas a lane: each loop also runs one step of the
+canvas's wavefront, at most half the lane's rows wide while other images wait or sample, so
+it never holds a lane to itself. Its rows are streamed as strips as they complete; its
+deadline grows with its cells (`canvas_timeout`).
+
 The event loop only submits and cancels; lanes report back with `call_soon_threadsafe`.
 A job is the single source of truth for its request: which images are done, whether it was
 cancelled (client gone, deadline), and the future its handler awaits.
@@ -33,10 +39,18 @@ from models.sampling import SamplingBatch
 from ..errors import ServiceError
 from ..metrics import Metrics
 from .admission import Admission
-from .runner import StepRunner
+from .runner import CanvasRunner, StepRunner
 from .scheduler import Image, Scheduler
 
 log = logging.getLogger("taming.generation")
+
+CANVAS_GRIDS_PER_TIMEOUT = 16  # a canvas gets the request timeout for each 16 training grids
+
+
+def canvas_timeout(timeout_s: float, cells: int, grid_cells: int) -> float:
+    """The deadline of a request for `cells` cells of canvas (in all its images): the request
+    timeout for every CANVAS_GRIDS_PER_TIMEOUT training grids of cells, and never less."""
+    return timeout_s * max(1.0, cells / (CANVAS_GRIDS_PER_TIMEOUT * grid_cells))
 
 
 @dataclass(eq=False, repr=False)
@@ -60,6 +74,8 @@ class GenerateJob:
     first_row: float | None = None
     finished: float | None = None
     company: int = 0  # images sampling in its lane at its first step
+    timeout_s: float = 0.0  # its deadline, from arrival
+    canvas: bool = False  # its grid is beyond the model's: each image is a lane's canvas
 
     def __post_init__(self) -> None:
         self.tokens = np.zeros((self.n, self.grid[0] * self.grid[1]), dtype=np.int64)
@@ -75,6 +91,9 @@ class Lane:
         self.index = index
         self.runner = runner
         self.scheduler = Scheduler(runner.capacity, runner.sizes, runner.cols, runner.seq_len)
+        self.canvas_runner = CanvasRunner(engine.name, runner.sampler.gpt, engine.metrics)
+        self.canvas: Image | None = None  # set by the engine's take, under its lock
+        self.sampler = None  # the canvas's CanvasSampler, once started on this thread
         self.prepared = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"taming-gen-{engine.name}-{index}",
                                        daemon=True)
@@ -114,6 +133,8 @@ class Lane:
                     self._admit(joined)
                     if self.scheduler.active:
                         self._step()
+                    if self.canvas is not None:
+                        self._canvas_step()
                 except Exception as exc:  # a bug or a device fault: its images fail, not the lane
                     self._fail(joined, exc)
 
@@ -148,11 +169,43 @@ class Lane:
         if codes:
             e.finish(rows, finished, codes, pictures)
 
+    def _canvas_step(self) -> None:
+        """One step of the canvas's wavefront; strips of the rows it completed go to a
+        streamed request, and a complete canvas is decoded and delivered."""
+        e, im = self.engine, self.canvas
+        if self.sampler is None:
+            self.sampler = self.canvas_runner.start(im)
+        s = self.sampler
+        busy = self.scheduler.active or e.waiting
+        limit = max(1, self.runner.capacity // 2) if busy else self.runner.capacity
+        t0 = time.perf_counter()
+        completed = s.step(s.plan(limit))
+        e.metrics.step_duration.labels(e.name, "canvas").observe(time.perf_counter() - t0)
+        job, W = im.job, s.grid[1]
+        strips = []
+        for row in completed:
+            if job.on_row is not None:
+                cells = s.codes[row * W:(row + 1) * W].cpu().numpy()
+                strips.append((row, cells, self.canvas_runner.preview(cells, e.decode)))
+            elif row == 0:
+                strips.append((row, None, None))  # its time to first row
+        codes = picture = None
+        if s.done:
+            codes = s.codes.cpu().numpy()
+            picture = self.canvas_runner.picture(s, e.decode)
+            e.leave_canvas(self)
+        if strips or codes is not None:
+            e.finish_canvas(im, strips, codes, picture)
+
     def drop_cancelled(self) -> None:
-        """Called under the engine lock: rows of cancelled jobs leave now."""
+        """Called under the engine lock: rows of cancelled jobs leave now, and a cancelled
+        canvas with its keys."""
         gone = self.scheduler.cancelled()
         if gone:
             self.runner.release(self.scheduler.release(gone))
+            self.engine.count_active()
+        if self.canvas is not None and self.canvas.job.cancelled:
+            self.canvas = self.sampler = None
             self.engine.count_active()
 
     def _fail(self, joined: list[Image], exc: Exception) -> None:
@@ -161,6 +214,9 @@ class Lane:
         e = self.engine
         log.error("generation lane %s/%d failed a step", e.name, self.index, exc_info=exc)
         held = {id(im): im for im in [*joined, *self.scheduler.clear()]}
+        if self.canvas is not None:
+            held[id(self.canvas)] = self.canvas
+            e.leave_canvas(self)
         self.runner.release(list(range(self.runner.capacity)))
         e.count_active()
         e.fail({id(im.job): im.job for im in held.values()}.values(),
@@ -188,6 +244,8 @@ class GenerationEngine:
                       for i in range(lanes)]
         self._lock = threading.Condition()
         self._waiting: deque[Image] = deque()
+        self._canvases: deque[Image] = deque()  # canvases waiting for a lane
+        self.grid = tuple(gpt.config.grid)
         self._stopping = False
         self._ready = 0
         self._started: asyncio.Future | None = None
@@ -216,17 +274,24 @@ class GenerationEngine:
                grid: tuple[int, int], filtered: bool = True,
                on_row: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
                admitted: bool = False) -> GenerateJob:
-        """Queue one request of n images; `image(i)` builds image i's seeded row."""
+        """Queue one request of n images; `image(i)` builds image i's seeded row. A grid
+        beyond the model's makes each image a canvas (relative models only)."""
         self.admission.admit(n, admitted, closing=self._stopping)
         loop = self._loop
         job = GenerateJob(n, image, guided, grid, loop.create_future(), loop.time(), filtered,
                           on_row)
+        job.canvas = tuple(grid) != self.grid
+        cells = n * grid[0] * grid[1]
+        job.timeout_s = (canvas_timeout(self.admission.timeout_s, cells,
+                                        self.grid[0] * self.grid[1])
+                         if job.canvas else self.admission.timeout_s)
         with self._lock:
-            self._waiting.extend(Image(job, i) for i in range(n))
+            (self._canvases if job.canvas else self._waiting).extend(
+                Image(job, i) for i in range(n))
             self.admission.enter(n)
             self.metrics.queue_depth.labels("generate", self.name).inc(n)
             self._lock.notify_all()
-        self.admission.deadline(loop, job.arrival, self._expire, job)
+        self.admission.deadline(loop, job.arrival, self._expire, job, timeout_s=job.timeout_s)
         return job
 
     def cancel(self, job: GenerateJob, reason: str, error: ServiceError) -> None:
@@ -242,10 +307,12 @@ class GenerationEngine:
             return False
         with self._lock:
             job.cancelled = reason
-            before = len(self._waiting)
+            before = len(self._waiting) + len(self._canvases)
             self._waiting = deque(im for im in self._waiting if im.job is not job)
-            self.admission.leave(before - len(self._waiting))
-            self.metrics.queue_depth.labels("generate", self.name).dec(before - len(self._waiting))
+            self._canvases = deque(im for im in self._canvases if im.job is not job)
+            left = before - len(self._waiting) - len(self._canvases)
+            self.admission.leave(left)
+            self.metrics.queue_depth.labels("generate", self.name).dec(left)
         if not job.future.done():
             job.future.set_exception(error)
         return True
@@ -253,7 +320,7 @@ class GenerationEngine:
     def _expire(self, job: GenerateJob) -> None:
         if not job.future.done() or job.future.cancelled():
             self.cancel(job, "deadline", self.admission.timed_out(
-                f"the request did not finish within {self.admission.timeout_s:g} s"))
+                f"the request did not finish within {job.timeout_s:g} s"))
 
     # ---- called by the lanes, on their threads ---------------------------------------------
     def lane_ready(self, lane: Lane) -> None:
@@ -271,30 +338,48 @@ class GenerationEngine:
         there is nothing to do."""
         with self._lock:
             lane.drop_cancelled()
-            while not self._waiting and not lane.scheduler.active:
+            while (not self._waiting and not lane.scheduler.active and lane.canvas is None
+                   and not self._canvases):
                 if self._stopping:
                     return None
                 self._lock.wait()
                 lane.drop_cancelled()
             joined: list[Image] = []
-            now = None
             while self._waiting and lane.scheduler.seat(self._waiting[0]):
-                im = self._waiting.popleft()
-                joined.append(im)
+                joined.append(self._waiting.popleft())
+            if lane.canvas is None and self._canvases:
+                lane.canvas = self._canvases.popleft()
+                seated = [*joined, lane.canvas]
+            else:
+                seated = joined
+            now = self._loop.time() if seated else None
+            for im in seated:
                 job = im.job
                 if job.started is None:
-                    now = now or self._loop.time()
                     job.started = now
                     self.metrics.queue_wait.labels("generate", self.name).observe(
                         now - job.arrival)
-            if joined:
-                self.admission.leave(len(joined))
-                self.metrics.queue_depth.labels("generate", self.name).dec(len(joined))
+            if seated:
+                self.admission.leave(len(seated))
+                self.metrics.queue_depth.labels("generate", self.name).dec(len(seated))
+            if lane.canvas is not None and not lane.canvas.job.company:
+                lane.canvas.job.company = 1
             return joined
+
+    @property
+    def waiting(self) -> bool:
+        """Whether images wait for rows (a lane's canvas then takes at most half of its)."""
+        return bool(self._waiting)
+
+    def leave_canvas(self, lane: Lane) -> None:
+        """A lane's canvas is done (or failed): the lane may take the next one."""
+        with self._lock:
+            lane.canvas = lane.sampler = None
+        self.count_active()
 
     def count_active(self) -> None:
         self.metrics.slots_active.labels(self.name).set(
-            sum(len(lane.scheduler.active) for lane in self.lanes))
+            sum(len(lane.scheduler.active) + (lane.canvas is not None) for lane in self.lanes))
 
     def fail(self, jobs, error: ServiceError) -> None:
         """These jobs answer `error` (their images have left their lane)."""
@@ -330,6 +415,27 @@ class GenerationEngine:
                 if job.images is None:
                     job.images = np.zeros((job.n, *image.shape), dtype=image.dtype)
                 job.images[im.index] = image
+                job.left -= 1
+                if job.left == 0:
+                    done.append(job)
+        self._loop.call_soon_threadsafe(self._report, events, done)
+
+    def finish_canvas(self, im: Image, strips: list, codes: np.ndarray | None,
+                      picture: np.ndarray | ServiceError | None) -> None:
+        """A canvas's completed rows (row, cells, strip; cells None: only its time to first
+        row) and, when done, its codes and image (or the error its request fails with)."""
+        job = im.job
+        if isinstance(picture, ServiceError):
+            self._loop.call_soon_threadsafe(self.cancel, job, picture.code, picture)
+            return
+        events = [(job, im.index, row, cells, strip) for row, cells, strip in strips]
+        done = []
+        if codes is not None:
+            with self._lock:
+                job.tokens[im.index] = codes
+                if job.images is None:
+                    job.images = np.zeros((job.n, *picture.shape), dtype=picture.dtype)
+                job.images[im.index] = picture
                 job.left -= 1
                 if job.left == 0:
                     done.append(job)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.canvas import CanvasSampler
 from models.gpt import GPT
 from models.sampling import SamplingBatch, make_batch
 from models.slots import SlotSampler, compiled_steps, sample, step_variants
@@ -189,6 +190,53 @@ class StepRunner:
         return out
 
 
+# ---- a lane's canvas ------------------------------------------------------------------------
+class CanvasRunner:
+    """The device side of a lane's canvas (a grid beyond the model's, for a relative model):
+    its sampler, the previews of its rows, and its decoded image."""
+
+    def __init__(self, name: str, gpt: GPT, metrics: Metrics) -> None:
+        self.name = name
+        self.gpt = gpt
+        self.metrics = metrics
+        self.atlas: np.ndarray | None = None  # (K, f, f, C): each code's patch, for previews
+
+    def start(self, image: Image) -> CanvasSampler:
+        """The canvas of one image of a job, with its seeded row (built here, off the loop)."""
+        return CanvasSampler(self.gpt, image.job.image(image.index), image.job.grid)
+
+    def preview(self, codes: np.ndarray, decode: Callable[[torch.Tensor], torch.Tensor]
+                ) -> np.ndarray:
+        """A strip of pixels for one canvas row of codes: each code's own patch, side by side.
+        The patches come from one decode of every code amid copies of itself, made on the
+        first preview: a strip costs a lookup, and the answer still decodes the whole canvas."""
+        if self.atlas is None:
+            K = self.gpt.config.codebook_size
+            device = next(self.gpt.parameters()).device
+            tiles = decode(torch.arange(K, device=device)[:, None, None].expand(K, 3, 3)
+                           .contiguous()).cpu().numpy()
+            f = tiles.shape[1] // 3
+            self.atlas = np.ascontiguousarray(tiles[:, f:2 * f, f:2 * f])
+        patches = self.atlas[codes]  # (W, f, f, C)
+        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3).reshape(
+            patches.shape[1], -1, patches.shape[3]))
+
+    def picture(self, sampler: CanvasSampler, decode: Callable[[torch.Tensor], torch.Tensor]
+                ) -> np.ndarray | ServiceError:
+        """The canvas decoded whole (the tokenizer's normalisation sees all of it, as a
+        /decode of its tokens would); 503 when it does not fit in memory."""
+        t0 = time.perf_counter()
+        try:
+            image = decode(sampler.codes.view(1, *sampler.grid)).cpu().numpy()[0]
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            return too_big(self.name, "decode")
+        self.metrics.batch_duration.labels("decode", self.name).observe(time.perf_counter() - t0)
+        self.metrics.batch_size.labels("decode", self.name).observe(1)
+        return image
+
+
 # ---- the batches' runners ---------------------------------------------------------------------
 @dataclass
 class GeneratePayload:
@@ -218,7 +266,8 @@ class GeneratePayload:
 
 
 class WideGenerateRunner:
-    """/generate on grids beyond the model's: sliding-window sampling, run to completion."""
+    """/generate on grids beyond the model's for absolute-position models: the paper's
+    sliding-window sampling, run to completion (relative models sample canvases in lanes)."""
 
     operation = "generate"
     # a batch samples for seconds and re-forwards its windows (no cache to share): the next

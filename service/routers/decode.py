@@ -26,7 +26,7 @@ EXAMPLES = {
 }
 
 
-def check_grids(tokens: list, codebook_size: int, max_grid: int, max_images: int
+def check_grids(tokens: list, codebook_size: int, max_grid: tuple[int, int], max_images: int
                 ) -> np.ndarray:
     """One grid or a list of grids -> int64 (N, rows, cols); 422 for anything malformed."""
     grids = tokens if tokens and tokens[0] and isinstance(tokens[0][0], list) else [tokens]
@@ -40,8 +40,9 @@ def check_grids(tokens: list, codebook_size: int, max_grid: int, max_images: int
         cols = len(g[0]) if rows else 0
         if rows == 0 or cols == 0:
             raise invalid(f"grid {i} is empty ({rows} rows, {cols} columns)")
-        if rows > max_grid or cols > max_grid:
-            raise invalid(f"grid {i} is {rows}x{cols}; the maximum is {max_grid}x{max_grid}")
+        if rows > max_grid[0] or cols > max_grid[1]:
+            raise invalid(f"grid {i} is {rows}x{cols}; the maximum is "
+                          f"{max_grid[0]}x{max_grid[1]}")
         if any(len(r) != cols for r in g):
             raise invalid(f"grid {i} is ragged: every row must have {cols} ids")
         if shape is None:
@@ -71,7 +72,7 @@ async def decode(request: Request) -> Response:
     entry = svc.model(body.model, request)
     svc.check_room(entry, "decode")
     s = svc.settings
-    grids = check_grids(body.tokens, entry.codebook_size, s.max_grid, s.max_images)
+    grids = check_grids(body.tokens, entry.codebook_size, entry.max_grid, s.max_images)
     shape = tuple(grids.shape[1:])
     out = await svc.run(request, entry, "decode", shape, grids, len(grids))
     return await images_response(request, svc, out["images"], {"X-Model": entry.name},

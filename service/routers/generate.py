@@ -30,6 +30,8 @@ EXAMPLES = {
               "value": {"model": "fashion-mnist", "label": "Sneaker", "top_k": 100, "seed": 7}},
     "wide": {"summary": "A wider canvas (sliding-window sampling)",
              "value": {"model": "mnist", "label": 3, "grid": [7, 14], "seed": 1}},
+    "scene": {"summary": "A 512x512 landscape canvas (cached sliding window)",
+              "value": {"model": "landscapes", "grid": [64, 64], "seed": 5}},
     "complete": {"summary": "Complete a partial grid",
                  "value": {"model": "mnist", "prefix": [0, 0, 0, 0, 0, 0, 0], "seed": 3}},
     "default": {"summary": "Everything default (random seed)", "value": {}},
@@ -93,7 +95,7 @@ async def sample_images(request: Request, svc, entry: ModelEntry, payload: Gener
     """Tokens (n, T) and images (n, H, W, C) of an admitted request."""
     if svc.can_step(entry, payload.grid):
         tokens, images = await _sampled(request, svc, entry, payload)
-    else:  # a wider canvas: sliding-window sampling in the collector's lane
+    else:  # an absolute model's wider grid: the paper's sampler in the collector's lane
         out = await svc.run(request, entry, "generate", payload.grid, payload, payload.n)
         tokens, images = out["tokens"], out["images"]
     _count(svc, entry, payload)
@@ -108,9 +110,10 @@ def _payload(svc, entry, req: GenerateRequest) -> GeneratePayload:
         r, c = req.grid
         if r < mr or c < mc:
             raise invalid(f"grid [{r}, {c}] is smaller than the model's grid [{mr}, {mc}]")
-        limit = svc.settings.max_grid
-        if r > limit or c > limit:
-            raise invalid(f"grid [{r}, {c}] exceeds the maximum [{limit}, {limit}]")
+        limit = entry.max_grid
+        if r > limit[0] or c > limit[1]:
+            raise invalid(f"grid [{r}, {c}] exceeds the largest grid of model {entry.name!r}, "
+                          f"[{limit[0]}, {limit[1]}]")
         grid = (r, c)
     d = entry.defaults
     settings = {
@@ -122,6 +125,9 @@ def _payload(svc, entry, req: GenerateRequest) -> GeneratePayload:
         "prefix": flat_prefix(req.prefix, grid[1]),
     }
     cfg = entry.bundle.gpt.config
+    if grid != (mr, mc) and entry.canvases and settings["cfg_scale"] != 1:
+        raise invalid(f"guidance (cfg_scale {settings['cfg_scale']:g}) is not available on "
+                      f"canvases; grids beyond [{mr}, {mc}] sample with cfg_scale 1")
     try:
         if req.label is not None:
             settings["label"] = entry.class_index(req.label)
@@ -178,6 +184,7 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
         first.cancel()
         raise done.exception()
     grid = payload.grid
+    canvas = tuple(grid) != tuple(entry.grid)
 
     async def events():
         finished = False
@@ -197,8 +204,11 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
                         continue
                     row = getter.result()
                 image, r, cells, preview = row
-                yield sse_event("row", dumps({"image": image, "row": r, "tokens": cells.tolist(),
-                                           "png": b64png(preview)}))
+                event = {"image": image, "row": r, "tokens": cells.tolist(),
+                         "png": b64png(preview)}
+                if canvas:  # the strip of this row alone, painted at pixel row `top`
+                    event["top"] = r * preview.shape[0]
+                yield sse_event("row", dumps(event))
             tokens, images = done.result(), job.images
             _count(svc, entry, payload)
             body = await svc.offload(partial(generate_json, entry.name, payload.seed,

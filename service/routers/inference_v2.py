@@ -408,7 +408,7 @@ async def _tokenizer(request: Request, svc, entry: ModelEntry, op: str, given: n
         out = await svc.run(request, entry, "encode", None, np.ascontiguousarray(given),
                             len(given))
         return {"TOKENS": out["tokens"].astype(np.int64, copy=False)}
-    grids = check_grids(given.tolist(), entry.codebook_size, s.max_grid, s.max_images)
+    grids = check_grids(given.tolist(), entry.codebook_size, entry.max_grid, s.max_images)
     out = await svc.run(request, entry, "decode", tuple(grids.shape[1:]), grids, len(grids))
     return {"IMAGE": out["images"]}
 

@@ -291,7 +291,7 @@ def _grid(svc, entry: ModelEntry, size) -> list[int] | None:
     """"WxH" -> the token grid (None for the model's own size)."""
     (h, w), (rows, cols) = entry.image_size, entry.grid
     ds_h, ds_w = h // rows, w // cols
-    limit = svc.settings.max_grid
+    max_rows, max_cols = entry.max_grid
     try:
         width, height = (int(v) for v in str(size).lower().split("x"))
     except ValueError:
@@ -299,11 +299,11 @@ def _grid(svc, entry: ModelEntry, size) -> list[int] | None:
     if (width, height) == (w, h):
         return None
     if (width < w or height < h or width % ds_w or height % ds_h
-            or width // ds_w > limit or height // ds_h > limit):
+            or width // ds_w > max_cols or height // ds_h > max_rows):
         raise ProtocolError(400, "invalid_request", (
             f"size {size!r} is not available: model {entry.name!r} makes {w}x{h} images, or "
             f"larger canvases in steps of {ds_w}x{ds_h} pixels up to "
-            f"{limit * ds_w}x{limit * ds_h}"), "size")
+            f"{max_cols * ds_w}x{max_rows * ds_h}"), "size")
     return [height // ds_h, width // ds_w]
 
 
