@@ -350,6 +350,7 @@ class GenerationEngine:
             if lane.canvas is None and self._canvases:
                 lane.canvas = self._canvases.popleft()
                 seated = [*joined, lane.canvas]
+                self.count_active()
             else:
                 seated = joined
             now = self._loop.time() if seated else None
