@@ -91,7 +91,7 @@ class Lane:
         self.index = index
         self.runner = runner
         self.scheduler = Scheduler(runner.capacity, runner.sizes, runner.cols, runner.seq_len)
-        self.canvas_runner = CanvasRunner(engine.name, runner.sampler.gpt, engine.metrics)
+        self.canvas_runner = engine.canvas_runner
         self.canvas: Image | None = None  # set by the engine's take, under its lock
         self.sampler = None  # the canvas's CanvasSampler, once started on this thread
         self.prepared = threading.Event()
@@ -108,6 +108,8 @@ class Lane:
             e.on_thread()
         with torch.inference_mode():
             eager = self.runner.prepare(e.compile, e.compile_deadline)
+            if self.index == 0:
+                self.canvas_runner.prepare(e.decode)
         if eager:
             log.warning("%s lane %d: compile budget spent; %d step graphs run eager",
                         e.name, self.index, eager)
@@ -186,7 +188,7 @@ class Lane:
         for row in completed:
             if job.on_row is not None:
                 cells = s.codes[row * W:(row + 1) * W].cpu().numpy()
-                strips.append((row, cells, self.canvas_runner.preview(cells, e.decode)))
+                strips.append((row, cells, self.canvas_runner.preview(cells)))
             elif row == 0:
                 strips.append((row, None, None))  # its time to first row
         codes = picture = None
@@ -240,6 +242,7 @@ class GenerationEngine:
         self.on_thread = on_thread
         rows = 2 * slots  # a guided image holds two rows
         per_lane = max(2, -(-rows // lanes))
+        self.canvas_runner = CanvasRunner(name, gpt, metrics)
         self.lanes = [Lane(self, i, StepRunner(name, gpt, per_lane, metrics))
                       for i in range(lanes)]
         self._lock = threading.Condition()

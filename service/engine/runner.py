@@ -192,8 +192,8 @@ class StepRunner:
 
 # ---- a lane's canvas ------------------------------------------------------------------------
 class CanvasRunner:
-    """The device side of a lane's canvas (a grid beyond the model's, for a relative model):
-    its sampler, the previews of its rows, and its decoded image."""
+    """The device side of canvases (grids beyond the model's, for a relative model), shared
+    by an engine's lanes: a canvas's sampler, the previews of its rows, its decoded image."""
 
     def __init__(self, name: str, gpt: GPT, metrics: Metrics) -> None:
         self.name = name
@@ -205,18 +205,21 @@ class CanvasRunner:
         """The canvas of one image of a job, with its seeded row (built here, off the loop)."""
         return CanvasSampler(self.gpt, image.job.image(image.index), image.job.grid)
 
-    def preview(self, codes: np.ndarray, decode: Callable[[torch.Tensor], torch.Tensor]
-                ) -> np.ndarray:
-        """A strip of pixels for one canvas row of codes: each code's own patch, side by side.
-        The patches come from one decode of every code amid copies of itself, made on the
-        first preview: a strip costs a lookup, and the answer still decodes the whole canvas."""
-        if self.atlas is None:
-            K = self.gpt.config.codebook_size
-            device = next(self.gpt.parameters()).device
-            tiles = decode(torch.arange(K, device=device)[:, None, None].expand(K, 3, 3)
-                           .contiguous()).cpu().numpy()
-            f = tiles.shape[1] // 3
-            self.atlas = np.ascontiguousarray(tiles[:, f:2 * f, f:2 * f])
+    def prepare(self, decode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Each code's patch for previews: one decode of every code amid copies of itself,
+        at start-up, so that a streamed strip costs a lookup."""
+        if not self.gpt.relative:
+            return
+        K = self.gpt.config.codebook_size
+        device = next(self.gpt.parameters()).device
+        tiles = decode(torch.arange(K, device=device)[:, None, None].expand(K, 3, 3)
+                       .contiguous()).cpu().numpy()
+        f = tiles.shape[1] // 3
+        self.atlas = np.ascontiguousarray(tiles[:, f:2 * f, f:2 * f])
+
+    def preview(self, codes: np.ndarray) -> np.ndarray:
+        """A strip of pixels for one canvas row of codes: each code's patch, side by side
+        (the answer itself decodes the whole canvas)."""
         patches = self.atlas[codes]  # (W, f, f, C)
         return np.ascontiguousarray(patches.transpose(1, 0, 2, 3).reshape(
             patches.shape[1], -1, patches.shape[3]))
