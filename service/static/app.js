@@ -1,6 +1,6 @@
 // The playground's script: plain browser APIs, no dependencies, talks to this server only.
-// Element ids used by tests and scripts: #model #label #seed #generate #result #draw #encode
-// #reconstruction #tokens (see README).
+// Element ids used by tests and scripts: #model #label #seed #generate #result #painting #draw
+// #encode #reconstruction #tokens (see README).
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -11,6 +11,7 @@ const el = {
   temperature: $("#temperature"), topK: $("#top-k"), topP: $("#top-p"), cfg: $("#cfg-scale"),
   rows: $("#grid-rows"), cols: $("#grid-cols"), defaults: $("#defaults"),
   generate: $("#generate"), result: $("#result"), resultInfo: $("#result-info"),
+  painting: $("#painting"),
   draw: $("#draw"), clear: $("#clear"), file: $("#file"), encode: $("#encode"),
   reconstruction: $("#reconstruction"), tokens: $("#tokens"), tokensInfo: $("#tokens-info"),
   clearPrefix: $("#clear-prefix"), resample: $("#resample"), status: $("#status"),
@@ -24,6 +25,7 @@ const state = {
 };
 
 const MAX_RETRIES = 3;  // a 503 with a short Retry-After is tried again this many times
+const MAX_MAP_CELLS = 4096;  // larger token grids (canvases) are not drawn as a map
 
 // ---- errors ------------------------------------------------------------------------------
 function showError(err) {
@@ -271,6 +273,8 @@ async function sample(body) {
   const [rows, cols] = body.grid || current().grid;
   status("Sampling\u2026");
   setMap({ model: body.model, rows, cols, ids: [] });
+  const painter = el.painting.getContext("2d");
+  let painting = false;
   let answer = null;
   // the stream where the server streams this request, else its JSON answer
   const r = await api("/generate", {
@@ -280,9 +284,22 @@ async function sample(body) {
       if (type === "row") {
         const ev = JSON.parse(data);
         if (ev.image !== 0) return;
-        el.result.src = `data:image/png;base64,${ev.png}`;
+        if (ev.top === undefined) {  // the image so far, black below
+          el.result.src = `data:image/png;base64,${ev.png}`;
+        } else {  // a canvas: this row's strip, painted in place
+          if (!painting) {  // sized once, before any strip is drawn
+            const m = state.models[body.model];
+            const f = m.image_size[0] / m.grid[0];
+            el.painting.width = cols * f;
+            el.painting.height = rows * f;
+            painting = true;
+            el.result.hidden = true;
+            el.painting.hidden = false;
+          }
+          paintStrip(painter, ev).catch(showError);
+        }
         ev.tokens.forEach((id, j) => { state.map.ids[ev.row * cols + j] = id; });
-        drawMap();
+        if (rows * cols <= MAX_MAP_CELLS) drawMap();
         status(`Sampling\u2026 row ${ev.row + 1} of ${rows}`);
       } else if (type === "done") {
         answer = JSON.parse(data);
@@ -299,7 +316,10 @@ async function sample(body) {
     answer = await (await api("/generate", { method: "POST", body })).json();
   }
   const image = answer.images[0];
+  el.result.classList.toggle("photo", current().channels === 3);
   await showImage(el.result, image.png);
+  el.painting.hidden = true;
+  el.result.hidden = false;
   el.result.dataset.state = "done";
   el.result.dataset.seed = String(answer.seed);
   const ms = Math.round(performance.now() - t0);
@@ -308,6 +328,14 @@ async function sample(body) {
     (body.prefix ? `, ${body.prefix.flat().length} tokens kept` : "") + ` \u2014 ${ms} ms`;
   setMap({ model: answer.model, rows, cols, ids: image.tokens.flat() }, "generated image");
   status(`Done in ${ms} ms`);
+}
+
+// A canvas row's strip, drawn at its pixel row.
+async function paintStrip(painter, ev) {
+  const strip = new Image();
+  strip.src = `data:image/png;base64,${ev.png}`;
+  await strip.decode();
+  painter.drawImage(strip, 0, ev.top);
 }
 
 // ---- the token map -----------------------------------------------------------------------
@@ -338,6 +366,12 @@ function drawMap() {
   el.clearPrefix.disabled = !state.keep;
   el.resample.disabled = state.busy || !canResample();
   if (!map) return;
+  if (map.rows * map.cols > MAX_MAP_CELLS) {
+    el.tokens.replaceChildren();
+    el.tokensInfo.textContent = `${map.rows}\u00d7${map.cols} tokens of ${map.model}: ` +
+      `too many to draw as a map (the JSON answer holds them)`;
+    return;
+  }
   el.tokens.style.setProperty("--cols", map.cols);
   const cells = [];
   for (let i = 0; i < map.rows * map.cols; i++) {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 from urllib.parse import urlsplit
 
@@ -273,6 +274,47 @@ def test_streaming_grows_the_image_row_by_row(watched):
     assert watched.posts("/generate")[-1].headers["accept"].startswith("text/event-stream")
     assert len(watched.posts("/generate")) == 1  # the stream answered; no second request
     assert watched.console == []
+
+
+def test_a_landscape_canvas_is_painted_strip_by_strip(browser):
+    """A canvas of the landscapes model streams: each row's strip is painted in place on
+    #painting as it arrives, then #result shows the answer, pixel for pixel the API's."""
+    if not (ROOT / "checkpoints" / "landscapes" / "transformer.safetensors").is_file():
+        pytest.skip("the shipped landscapes model is not here")
+    app = create_app(settings(checkpoint_dir=ROOT / "checkpoints", models=["landscapes"]))
+    grid = [20, 36]
+    request = {"model": "landscapes", "seed": 12, "grid": grid}
+    with live_server(app) as base:
+        w = Watched(browser, base)
+        page = w.open().page
+        page.fill("#seed", "12")
+        page.fill("#grid-rows", str(grid[0]))
+        page.fill("#grid-cols", str(grid[1]))
+        page.evaluate("""() => {
+            window.painted = false;
+            new MutationObserver(() => {
+                if (!document.querySelector('#painting').hidden) window.painted = true;
+            }).observe(document.querySelector('#painting'), {attributes: true});
+        }""")
+        w.generate()
+        with httpx.stream("POST", f"{base}/generate", json=request, timeout=120,
+                          headers={"Accept": "text/event-stream"}) as s:
+            strips = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: ") and '"top"' in line]
+        answer = api_generate(base, request)
+        assert page.evaluate("window.painted"), page.text_content("#error-text")
+        assert not page.text_content("#error-text"), page.text_content("#error-text")
+        assert page.evaluate("document.querySelector('#painting').hidden")
+        data, width, height = page.eval_on_selector("#painting", """c => [
+            Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data),
+            c.width, c.height]""")
+        painted = np.asarray(data, dtype=np.uint8).reshape(height, width, 4)
+        expected = np.concatenate([rgba(base64.b64decode(e["png"])) for e in strips])
+        assert len(strips) == grid[0] and np.array_equal(painted, expected)
+        image = answer["images"][0]
+        assert np.array_equal(w.pixels("#result"), rgba(base64.b64decode(image["png"])))
+        assert w.console == [] and w.foreign_requests() == []
+        w.close()
 
 
 def test_a_server_with_keys_asks_for_one(browser):
