@@ -115,6 +115,9 @@ def carry_transformer(init: Path, out: Path) -> bool:
     shutil.copyfile(Path(init) / GPT_FILE, Path(out) / GPT_FILE)
     cfg = read_config(out)
     cfg["transformer"] = src["transformer"]
+    cfg["classes"] = src.get("classes", [])  # the transformer's classes, not the data's folders
+    if "max_grid" in src:
+        cfg["max_grid"] = src["max_grid"]
     if "sampling_defaults" in src:
         cfg["sampling_defaults"] = src["sampling_defaults"]
     if "transformer" in src.get("training", {}):
