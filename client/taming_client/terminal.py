@@ -55,17 +55,24 @@ class RowPainter:
         self.out, self.n = out, n
         self.colour = wants_colour(out) if colour is None else colour
         self.previews: dict[int, Image.Image] = {}
+        self.strips: dict[tuple[int, int], Image.Image] = {}
         self.finished: dict[int, set[int]] = {}
         self.next_row = 0
         self.cell = 0  # pixels per token, from the first event
 
     def add(self, event: RowEvent) -> None:
-        self.previews[event.image] = event.preview
+        if event.top is None:
+            self.previews[event.image] = event.preview
+        else:  # a canvas: the row's own strip, kept until every image has that row
+            self.strips[event.image, event.row] = event.preview
         self.finished.setdefault(event.row, set()).add(event.image)
         self.cell = self.cell or max(1, event.preview.width // max(1, len(event.tokens)))
         while len(self.finished.get(self.next_row, ())) >= self.n:
             y0 = self.next_row * self.cell
-            band = [_rgb(self.previews[i])[y0:y0 + self.cell] for i in sorted(self.previews)]
+            if self.strips:
+                band = [_rgb(self.strips.pop((i, self.next_row))) for i in range(self.n)]
+            else:
+                band = [_rgb(self.previews[i])[y0:y0 + self.cell] for i in sorted(self.previews)]
             if band and band[0].shape[0]:
                 self._print(band_lines(band, self.colour))
             self.next_row += 1

@@ -82,18 +82,21 @@ class Generation:
 
 @dataclass
 class RowEvent:
-    """One token row of one image is complete: its ids and a preview of the image so far."""
+    """One token row of one image is complete: its ids and a preview, of the image so far,
+    or on a canvas (a grid beyond the model's) of that row's strip alone, whose top pixel row
+    is `top`."""
 
     image: int
     row: int
     tokens: np.ndarray  # the row's ids, (cols,) int64
     preview: Image.Image
+    top: int | None = None  # canvases: where the strip goes in the image
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> RowEvent:
         return cls(image=body["image"], row=body["row"],
                    tokens=np.asarray(body["tokens"], dtype=np.int64),
-                   preview=open_png(base64.b64decode(body["png"])))
+                   preview=open_png(base64.b64decode(body["png"])), top=body.get("top"))
 
 
 @dataclass
