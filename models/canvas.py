@@ -174,9 +174,9 @@ class CanvasSampler:
         own = torch.where(c > 0, self._own, torch.where(first, wr * wc, wr * wc + 1))
         index = torch.cat([torch.arange(wr * wc + 1, device=r.device).expand(len(r), -1),
                            own[:, None]], dim=1)
-        bias = self.gpt.rel_bias[:, index].permute(1, 0, 2)  # (cells, heads, slots)
+        bias = self.gpt.rel_bias[:, index].permute(1, 2, 0)  # (cells, slots, heads)
         visible = torch.cat([seen, torch.ones_like(first)[:, None]], dim=1)
-        bias = bias.masked_fill(~visible[:, None, :], float("-inf"))
+        bias = bias.masked_fill(~visible[:, :, None], float("-inf"))
         write = torch.where(c > 0, (r % self.ring) * W + c - 1,
                             torch.where(first, self.class_slot, self.trash_slot))
         return read, write, bias

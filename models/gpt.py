@@ -166,17 +166,20 @@ class CausalSelfAttention(nn.Module):
                  read: torch.Tensor, write: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """One query per row (x: (B, C)) over the keys at `read` (B, S) of a store
         (slots, heads, head_dim) and its own key last; then its key and value go to the
-        store at `write` (B,). `bias`: (B, heads, S + 1) additive."""
+        store at `write` (B,). `bias`: (B, S + 1, heads) additive."""
         B, C = x.shape
+        S = read.shape[1]
         nh, hd = self.n_head, self.head_dim
-        q, k, v = self.qkv(x).split(C, dim=1)
-        k, v = k.view(B, 1, nh, hd), v.view(B, 1, nh, hd)
-        keys = torch.cat([store_k[read], k], dim=1)  # (B, S + 1, heads, head_dim)
-        values = torch.cat([store_v[read], v], dim=1)
-        att = torch.einsum("bhd,bshd->bhs", q.view(B, nh, hd), keys) / math.sqrt(hd) + bias
-        y = torch.einsum("bhs,bshd->bhd", att.softmax(dim=-1), values)
-        store_k[write] = k[:, 0]
-        store_v[write] = v[:, 0]
+        q, k, v = (t.reshape(B, nh, hd) for t in self.qkv(x).split(C, dim=1))
+        at = read.flatten()  # index_select: a gather of whole rows, no advanced indexing
+        keys = store_k.index_select(0, at).view(B, S, nh, hd)
+        values = store_v.index_select(0, at).view(B, S, nh, hd)
+        # a handful of keys per query: products and sums, not a batched matmul per query
+        att = torch.cat([(keys * q[:, None]).sum(-1), (k * q).sum(-1)[:, None]], dim=1)
+        att = (att / math.sqrt(hd) + bias).softmax(dim=1)  # (B, S + 1, heads)
+        y = (att[:, :S, :, None] * values).sum(1) + att[:, S, :, None] * v
+        store_k.index_copy_(0, write, k)
+        store_v.index_copy_(0, write, v)
         return self.proj(y.reshape(B, C))
 
 
@@ -302,7 +305,7 @@ class GPT(nn.Module):
                          bias: torch.Tensor) -> torch.Tensor:
         """One token per row, each attending to the keys at `read` (B, S) of per-layer
         stores (layers, slots, heads, head_dim) and to its own, which it then writes at
-        `write` (B,) -> logits (B, K). `bias` (B, heads, S + 1): the relative biases, -inf
+        `write` (B,) -> logits (B, K). `bias` (B, S + 1, heads): the relative biases, -inf
         where a read slot holds no key. Relative positions only (no embedding of where)."""
         if not self.relative:
             raise ValueError("a gathered forward needs relative positions")
