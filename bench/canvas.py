@@ -11,6 +11,7 @@ One run, one machine:
    FLOP limit, measured here as a large float32 matmul on one thread (a lane's thread count).
 
     python bench/canvas.py [--grids 64,128,256] [--repeat 1] [--device cpu|cuda] [--out FILE]
+                           [--models mnist,landscapes] [--compile true|false]
 
 Prints JSON and writes bench/results/canvas.json (or --out). Not a test.
 """
@@ -40,10 +41,10 @@ from models.checkpoint import read_config  # noqa: E402
 MODEL = "landscapes"
 
 
-def server(device: str) -> Process:
+def server(device: str, models: str, compile: str) -> Process:
     port = free_port()
     env = {"TAMING_HOST": "127.0.0.1", "TAMING_PORT": str(port), "TAMING_LOG_LEVEL": "warning",
-           "TAMING_DEVICE": device}
+           "TAMING_DEVICE": device, "TAMING_MODELS": models, "TAMING_COMPILE": compile}
     return Process([sys.executable, "-m", "service"], env, "/readyz", port)
 
 
@@ -126,6 +127,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "canvas.json"))
+    ap.add_argument("--models", default="mnist,landscapes", help="TAMING_MODELS of the server")
+    ap.add_argument("--compile", default="true", help="TAMING_COMPILE of the server")
+    ap.add_argument("--ready-timeout", type=float, default=600)
     args = ap.parse_args()
     sides = [int(s) for s in args.grids.split(",")]
     cfg = read_config(ROOT / "checkpoints" / MODEL)
@@ -133,11 +137,11 @@ def main() -> None:
     out: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "machine": platform.processor() or platform.machine(), "device": args.device,
                  "cores": len(__import__("os").sched_getaffinity(0)), "model": MODEL}
-    p = server(args.device)
+    p = server(args.device, args.models, args.compile)
     try:
-        p.ready()
+        p.ready(args.ready_timeout)
         with httpx.Client(base_url=f"http://127.0.0.1:{p.port}", timeout=1800) as c:
-            plain(c, 16, 0)  # warm the connection and the canvas path up
+            plain(c, 17, 0)  # warm the connection and the canvas path up (a canvas: 17 > 16)
             canvases = {}
             for side in sides:
                 runs = [plain(c, side, seed) for seed in range(1, args.repeat + 1)]
@@ -152,7 +156,7 @@ def main() -> None:
             out["time_ratio_4x_cells"] = {
                 f"{b}/{a}": round(canvases[b]["seconds"] / canvases[a]["seconds"], 2)
                 for a, b in zip(keys, keys[1:], strict=False) if b * b == 4 * a * a}
-            mid = 128 if 128 in sides else sides[len(sides) // 2]
+            mid = 128 if 128 in sides else sides[-1]
             out["streamed"] = streamed(c, mid, 7)
             one_image_latency(c, None, 5)  # warm mnist up
             solo = one_image_latency(c, None, 30)

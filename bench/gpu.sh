@@ -5,6 +5,8 @@
 #              checkpoint's sampling defaults (cfg 1.5), batch 1..1,024, peak GPU memory,
 #              the reference sampler at batch 1 and 8                    -> sampler.json
 #   tokenizer  frozen (TorchScript) vs eager VQ-VAE outputs on CUDA      -> tokenizer.json
+#   canvas     landscapes canvases of 1/4, 1 and 4 megapixels, the first streamed row, mnist
+#              latency beside a canvas, the step's share of the GPU's matmul rate -> canvas.json
 #   serve_*    the server on CUDA, /generate at 1, 32, 128 and 256 clients, compiled step
 #              off and on (TAMING_COMPILE), generate slots 64 and 1,024  -> serve_*.json
 #   util       nvidia-smi utilisation every 200 ms beside the whole run  -> util.json
@@ -32,13 +34,13 @@ if [ "$SMOKE" = 1 ]; then
   DEST=${OUT:-bench/results/gpu-smoke}
   DEVICE=cpu; LIMIT_S=${GPU_RUN_LIMIT_S:-115}
   BATCHES=1,4,8; REF=1; TOK_BATCHES=1,8; REPEAT=1; COMPILE_BUDGET=30; SAMPLER_SLOTS=8
-  CLIENTS=1,2; WARMUP=0.5; DURATION=1; SLOTS=4
+  CLIENTS=1,2; WARMUP=0.5; DURATION=1; SLOTS=4; CANVAS_GRIDS=17,34
   SERVER_ENV=()
   # one torch thread in the benchmark processes: on a shared small box a second OpenMP thread
   # waits at every barrier for a core (the server sets its own threads)
   export OMP_NUM_THREADS=1
   # about 60 s in all on an idle 2-core box; a step's limit leaves room for a busy one
-  B_ENV=30; B_SAMPLER=60; B_TOK=40; B_EAGER=45; B_COMPILED=45
+  B_ENV=30; B_SAMPLER=60; B_TOK=40; B_EAGER=45; B_COMPILED=45; B_CANVAS=90
 else
   DEST=${OUT:-bench/results/gpu}
   DEVICE=cuda; LIMIT_S=${GPU_RUN_LIMIT_S:-510}
@@ -46,16 +48,16 @@ else
   # the compiled sampler runs the server's lane at 1,024 slots (2,048 rows, padded sizes):
   # the graphs it builds can be in inductor's on-disk cache when that server starts
   COMPILE_BUDGET=100; SAMPLER_SLOTS=1024
-  CLIENTS=1,32,128,256; WARMUP=1; DURATION=3; SLOTS="64 1024"
+  CLIENTS=1,32,128,256; WARMUP=1; DURATION=3; SLOTS="64 1024"; CANVAS_GRIDS=64,128,256
   SERVER_ENV=(--env TAMING_DEVICE=cuda)
   # step limits; the run's limit caps each one at what is left (typical need in brackets:
   # env [10], sampler [40 + 10-25 per compiled size], tokenizer [20], eager server [35],
   # compiled server [35 + 10-25 per padded size not yet in the cache])
-  B_ENV=60; B_SAMPLER=150; B_TOK=45; B_EAGER=45; B_COMPILED=120
+  B_ENV=60; B_SAMPLER=150; B_TOK=45; B_EAGER=45; B_COMPILED=120; B_CANVAS=90
 fi
 RESERVE_S=8  # kept back for the table
 mkdir -p "$DEST"
-rm -f "$DEST"/{env,sampler,tokenizer,util,summary}.json "$DEST"/serve_*.json "$DEST"/steps.jsonl \
+rm -f "$DEST"/{env,sampler,tokenizer,canvas,util,summary}.json "$DEST"/serve_*.json "$DEST"/steps.jsonl \
   "$DEST"/*.log
 START=$(date +%s)
 echo "gpu.sh: $([ "$SMOKE" = 1 ] && echo "smoke run on the CPU" || echo "CUDA run"), results in $DEST," \
@@ -124,6 +126,10 @@ step sampler "$B_SAMPLER" "$PY" bench/sampler.py --device "$DEVICE" --batch-size
 
 step tokenizer "$B_TOK" "$PY" bench/gpu_checks.py tokenizer --device "$DEVICE" \
   --batch-sizes "$TOK_BATCHES" --out "$DEST/tokenizer.json"
+
+# canvases run eager (their step is), so the server starts without compiling
+step canvas "$B_CANVAS" "$PY" bench/canvas.py --device "$DEVICE" --grids "$CANVAS_GRIDS" \
+  --compile false --ready-timeout "$B_CANVAS" --out "$DEST/canvas.json"
 
 # /generate only, one model, no batching-off baseline and no in-process ceiling (the sampler
 # step is that): eager and compiled side by side at each slot count, the costliest last.

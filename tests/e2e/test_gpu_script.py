@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = ("env", "sampler", "tokenizer", "util", "serve_eager_slots4", "serve_compiled_slots4",
-         "summary")
+FILES = ("env", "sampler", "tokenizer", "canvas", "util", "serve_eager_slots4",
+         "serve_compiled_slots4", "summary")
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu-smoke")
     # the run's own limit is 115 s; a shared test machine may be busier than that allows
-    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "GPU_RUN_LIMIT_S": "300"}
+    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "GPU_RUN_LIMIT_S": "400"}
     proc = subprocess.run(["bash", "bench/gpu.sh", "--smoke"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=400, env=env)
+                          text=True, timeout=500, env=env)
     return proc, out
 
 
@@ -32,8 +32,8 @@ def test_smoke_run_finishes_every_step(smoke) -> None:
     proc, out = smoke
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == ["env", "sampler", "tokenizer", "serve_eager_slots4",
-                                          "serve_compiled_slots4"]
+    assert [s["step"] for s in steps] == ["env", "sampler", "tokenizer", "canvas",
+                                          "serve_eager_slots4", "serve_compiled_slots4"]
     assert all(s["status"] == "ok" for s in steps), steps
     for name in FILES:
         json.loads((out / f"{name}.json").read_text())  # exists and parses
@@ -53,6 +53,11 @@ def test_smoke_table_is_printed_last(smoke) -> None:
 @pytest.mark.slow
 def test_smoke_measures_what_the_gpu_run_measures(smoke) -> None:
     _, out = smoke
+    canvas = json.loads((out / "canvas.json").read_text())
+    assert sorted(canvas["canvases"]) == ["17", "34"] and "34/17" in canvas["time_ratio_4x_cells"]
+    assert canvas["streamed"]["rows"] == 34 and 0 < canvas["streamed"]["first_row_share"] < 1
+    assert canvas["other_model_latency"]["requests_during"] > 0
+    assert 0 < canvas["flops"]["share"] < 1
     sampler = json.loads((out / "sampler.json").read_text())
     assert sampler["meta"]["complete"] and sampler["meta"]["sampling"]["cfg_scale"] == 1.5
     assert [r["batch"] for r in sampler["rows"]] == [1, 4, 8]
