@@ -8,7 +8,9 @@ One run, one machine:
 3. one-image requests of another model (mnist), one client in a loop: mean latency alone,
    then while a megapixel canvas samples;
 4. the canvas step's arithmetic rate at the landscapes model's shape against this machine's
-   FLOP limit, measured here as a large float32 matmul on one thread (a lane's thread count).
+   FLOP limit, measured here as a large float32 matmul on one thread (a lane's thread count);
+5. the baseline, in this process on one thread: the paper's re-forwarding sliding-window
+   sampler (`models.sampling.generate_sliding`) against the cached one on a small canvas.
 
     python bench/canvas.py [--grids 64,128,256] [--repeat 1] [--device cpu|cuda] [--out FILE]
                            [--models mnist,landscapes] [--compile true|false]
@@ -35,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import Process  # noqa: E402
 from serve import ROOT, free_port, metric_sum  # noqa: E402
 
-from models.canvas import lag  # noqa: E402
-from models.checkpoint import read_config  # noqa: E402
+from models.canvas import CanvasSampler, lag  # noqa: E402
+from models.checkpoint import load_bundle, read_config  # noqa: E402
+from models.sampling import generate_sliding, make_batch  # noqa: E402
 
 MODEL = "landscapes"
 
@@ -121,6 +124,23 @@ def peak_flops(device: str) -> float:
     return best
 
 
+def baseline(side: int, device: str) -> dict:
+    """Seconds per cell of both samplers on one side x side canvas, in this process."""
+    torch.set_num_threads(1)
+    gpt = load_bundle(ROOT / "checkpoints" / MODEL, device=device).gpt.eval()
+    grid = (side, side)
+    batch = make_batch(gpt.config, 1, grid, generator=torch.Generator().manual_seed(0))
+    out = {"grid": list(grid), "cells": side * side}
+    with torch.inference_mode():
+        for name, run in (("cached", lambda: CanvasSampler(gpt, batch, grid).run()),
+                          ("reforwarding", lambda: generate_sliding(gpt, batch, grid))):
+            t0 = time.perf_counter()
+            run()
+            out[f"{name}_s"] = round(time.perf_counter() - t0, 2)
+    out["speedup"] = round(out["reforwarding_s"] / out["cached_s"], 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grids", default="64,128,256", help="canvas sides in tokens")
@@ -130,6 +150,8 @@ def main() -> None:
     ap.add_argument("--models", default="mnist,landscapes", help="TAMING_MODELS of the server")
     ap.add_argument("--compile", default="true", help="TAMING_COMPILE of the server")
     ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--baseline-side", type=int, default=24,
+                    help="canvas side of the in-process sampler baseline (0: skip it)")
     args = ap.parse_args()
     sides = [int(s) for s in args.grids.split(",")]
     cfg = read_config(ROOT / "checkpoints" / MODEL)
@@ -188,6 +210,8 @@ def main() -> None:
                             "share": round(rate / peak, 3)}
     finally:
         p.stop()
+    if args.baseline_side:
+        out["baseline"] = baseline(args.baseline_side, args.device)
     print(json.dumps(out, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

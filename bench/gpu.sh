@@ -34,7 +34,7 @@ if [ "$SMOKE" = 1 ]; then
   DEST=${OUT:-bench/results/gpu-smoke}
   DEVICE=cpu; LIMIT_S=${GPU_RUN_LIMIT_S:-115}
   BATCHES=1,4,8; REF=1; TOK_BATCHES=1,8; REPEAT=1; COMPILE_BUDGET=30; SAMPLER_SLOTS=8
-  CLIENTS=1,2; WARMUP=0.5; DURATION=1; SLOTS=4; CANVAS_GRIDS=17,34
+  CLIENTS=1,2; WARMUP=0.5; DURATION=1; SLOTS=4; CANVAS_GRIDS=17,34; CANVAS_BASELINE=17
   SERVER_ENV=()
   # one torch thread in the benchmark processes: on a shared small box a second OpenMP thread
   # waits at every barrier for a core (the server sets its own threads)
@@ -48,7 +48,7 @@ else
   # the compiled sampler runs the server's lane at 1,024 slots (2,048 rows, padded sizes):
   # the graphs it builds can be in inductor's on-disk cache when that server starts
   COMPILE_BUDGET=100; SAMPLER_SLOTS=1024
-  CLIENTS=1,32,128,256; WARMUP=1; DURATION=3; SLOTS="64 1024"; CANVAS_GRIDS=64,128,256
+  CLIENTS=1,32,128,256; WARMUP=1; DURATION=3; SLOTS="64 1024"; CANVAS_GRIDS=64,128,256; CANVAS_BASELINE=24
   SERVER_ENV=(--env TAMING_DEVICE=cuda)
   # step limits; the run's limit caps each one at what is left (typical need in brackets:
   # env [10], sampler [40 + 10-25 per compiled size], tokenizer [20], eager server [35],
@@ -129,7 +129,8 @@ step tokenizer "$B_TOK" "$PY" bench/gpu_checks.py tokenizer --device "$DEVICE" \
 
 # canvases run eager (their step is), so the server starts without compiling
 step canvas "$B_CANVAS" "$PY" bench/canvas.py --device "$DEVICE" --grids "$CANVAS_GRIDS" \
-  --compile false --ready-timeout "$B_CANVAS" --out "$DEST/canvas.json"
+  --compile false --ready-timeout "$B_CANVAS" --baseline-side "$CANVAS_BASELINE" \
+  --out "$DEST/canvas.json"
 
 # /generate only, one model, no batching-off baseline and no in-process ceiling (the sampler
 # step is that): eager and compiled side by side at each slot count, the costliest last.
