@@ -46,13 +46,6 @@ def ring_rows(grid: tuple[int, int], window: tuple[int, int]) -> int:
     return min(H, window[0] + math.ceil((W + 1) / lag(window)) + 1)
 
 
-def store_bytes(gpt: GPT, grid: tuple[int, int]) -> int:
-    """Memory of one canvas's key store (keys and values of every layer)."""
-    cfg = gpt.config
-    slots = ring_rows(grid, cfg.window) * grid[1] + 2
-    return 2 * cfg.n_layer * slots * cfg.d_model * next(gpt.parameters()).element_size()
-
-
 class CanvasSampler:
     """One canvas of one image: its codes, its key store, and which cells come next.
 

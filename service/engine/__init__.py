@@ -7,7 +7,9 @@ of every **queue** (where images wait to start): it counts them across all queue
 TAMING_MAX_QUEUE, refuses while draining and arms each job's deadline. Generation runs in
 **lanes**: threads, each with its own **rows** (lines of a KV cache and sampling state; an
 image holds one row, two when guided; a **slot**, as in TAMING_GENERATE_SLOTS and
-`taming_slots_active`, is room for one guided image). A lane's **scheduler** seats images
+`taming_slots_active`, is room for one guided image). A **canvas** is an image on a grid
+beyond the model's (relative-position models): a lane holds at most one beside its rows and
+steps a **wavefront** of its cells with them. A lane's **scheduler** seats images
 in rows, compacts them and frees them (bookkeeping only); its **runner** owns the device
 side, and one **step** gives every occupied row its next token. Everything else runs as
 **batches** that the **collector** forms from its queues and its runners run to completion;

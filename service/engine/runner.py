@@ -12,6 +12,7 @@ max_batch_size rows, and halves again on out-of-memory): the copy to the device 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,6 +196,10 @@ class CanvasRunner:
     """The device side of canvases (grids beyond the model's, for a relative model), shared
     by an engine's lanes: a canvas's sampler, the previews of its rows, its decoded image."""
 
+    # one whole-canvas decode at a time in the process: its peak memory (the decoder's
+    # full-resolution activations) is what a replica must hold once, not once per lane
+    decoding = threading.Lock()
+
     def __init__(self, name: str, gpt: GPT, metrics: Metrics) -> None:
         self.name = name
         self.gpt = gpt
@@ -230,7 +235,8 @@ class CanvasRunner:
         /decode of its tokens would); 503 when it does not fit in memory."""
         t0 = time.perf_counter()
         try:
-            image = decode(sampler.codes.view(1, *sampler.grid)).cpu().numpy()[0]
+            with self.decoding:
+                image = decode(sampler.codes.view(1, *sampler.grid)).cpu().numpy()[0]
         except Exception as e:
             if not is_oom(e):
                 raise
