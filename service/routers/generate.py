@@ -112,8 +112,8 @@ def _payload(svc, entry, req: GenerateRequest) -> GeneratePayload:
             raise invalid(f"grid [{r}, {c}] is smaller than the model's grid [{mr}, {mc}]")
         limit = entry.max_grid
         if r > limit[0] or c > limit[1]:
-            raise invalid(f"grid [{r}, {c}] exceeds the largest grid of model {entry.name!r}, "
-                          f"[{limit[0]}, {limit[1]}]")
+            raise invalid(f"grid [{r}, {c}] exceeds the maximum [{limit[0]}, {limit[1]}] of "
+                          f"model {entry.name!r}")
         grid = (r, c)
     d = entry.defaults
     settings = {
