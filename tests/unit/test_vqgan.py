@@ -205,3 +205,23 @@ def test_vqgan_torchrun_two_processes_gloo(root, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((ck / "config.json").read_text())["training"]["vqvae"]["world_size"] == 2
     load_bundle(ck)
+
+
+def test_carried_transformer_brings_its_classes_and_limits(tmp_path):
+    """A decoder-only run on a folder of photographs names its data's folders as classes; the
+    transformer it carries was trained unconditional (or on other classes): its own classes,
+    and its serving limit, go with it, or the folder does not load."""
+    from models.checkpoint import CONFIG, GPT_FILE
+    from training.vqvae import carry_transformer
+
+    init, out = tmp_path / "init", tmp_path / "out"
+    init.mkdir()
+    out.mkdir()
+    (init / GPT_FILE).write_bytes(b"weights")
+    (init / CONFIG).write_text(json.dumps({"classes": [], "max_grid": [256, 256], "vqvae": {},
+                                           "transformer": {"n_classes": 0}}))
+    (out / CONFIG).write_text(json.dumps({"classes": ["Storm", "Wood"], "vqvae": {}}))
+    assert carry_transformer(init, out)
+    cfg = json.loads((out / CONFIG).read_text())
+    assert cfg["classes"] == [] and cfg["max_grid"] == [256, 256]
+    assert cfg["transformer"] == {"n_classes": 0} and (out / GPT_FILE).read_bytes() == b"weights"
