@@ -2,7 +2,9 @@
 
 `serving_models()` prefers the shipped checkpoints once their transformers exist
 (checkpoints/mnist/transformer.safetensors), so the same tests then run on the real models;
-until then it builds tiny random models (fast on 2 cores).
+until then it builds tiny random models (fast on 2 cores). It serves mnist and fashion-mnist
+unless a test names the models it needs or asks for every shipped one: landscapes (RGB, a
+16x16 grid of 256 steps) is far dearer to start and sample, and every test's app would pay.
 """
 
 from __future__ import annotations
@@ -75,12 +77,24 @@ def real_generators() -> list[str]:
     return sorted(names, key=lambda n: n != "mnist")
 
 
-def serving_models() -> dict:
-    """Settings keywords for the models the HTTP tests run on: shipped ones when trained."""
+SERVED = ("mnist", "fashion-mnist")  # what serving_models() serves unless told otherwise
+
+
+def serving_models(*names: str, every: bool = False) -> dict:
+    """Settings keywords for the models the HTTP tests run on: shipped ones when trained.
+
+    `names` are the shipped models a test needs (SERVED when none); `every` serves every
+    trained shipped model. Before the shipped transformers are trained: tiny mnist and
+    fashion-mnist."""
     real = real_generators()
-    if real:
+    if not real:
+        return {"checkpoint_dir": tiny_root(), "models": list(SERVED)}
+    if every:
         return {"checkpoint_dir": REAL, "models": real}
-    return {"checkpoint_dir": tiny_root(), "models": ["mnist", "fashion-mnist"]}
+    wanted = list(names or SERVED)
+    missing = sorted(set(wanted) - set(real))
+    assert not missing, f"no trained shipped model {missing} in {REAL}"
+    return {"checkpoint_dir": REAL, "models": wanted}
 
 
 def tiny_models(*names: str) -> dict:

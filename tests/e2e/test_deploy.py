@@ -31,16 +31,13 @@ HEALTH, READY = "/healthz", "/readyz"
 # ---- what the service exports ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def app_surface():
-    """(metric names, paths answering 200) read from the real app with the shipped models."""
+def _surface(settings) -> tuple[set[str], set[str]]:
+    """(metric names, paths answering 200) read from the real app with these settings."""
     from fastapi.testclient import TestClient
     from prometheus_client.parser import text_string_to_metric_families
 
     from service.app import create_app
-    from service.settings import Settings
 
-    settings = Settings(checkpoint_dir=ROOT / "checkpoints", api_keys=[], protect_metrics=False)
     with TestClient(create_app(settings)) as client:
         paths = set(client.get("/openapi.json").json()["paths"])
         ok = {p for p in (HEALTH, READY) if client.get(p).status_code == 200}
@@ -53,6 +50,31 @@ def app_surface():
         names.update(family.name + s for s in ("_bucket", "_sum", "_count", "_total", "_created"))
         names.update(sample.name for sample in family.samples)
     return names, paths & ok
+
+
+@pytest.fixture(scope="module")
+def app_surface():
+    """The surface of the real app on shipped models with the eager step: what it exports
+    depends neither on which models it serves nor on compiling (the slow
+    test_the_deployed_app_has_the_surface_the_tests_read checks that)."""
+    from service_helpers import serving_models, settings
+
+    return _surface(settings(**serving_models(), api_keys=[], protect_metrics=False))
+
+
+@pytest.fixture(scope="module")
+def deployed_surface():
+    """The surface of the app as deployed: every shipped model, the default settings (the
+    compiled step)."""
+    from service.settings import Settings
+
+    return _surface(Settings(checkpoint_dir=ROOT / "checkpoints", api_keys=[],
+                             protect_metrics=False))
+
+
+@pytest.mark.slow  # compiles every shipped model's step
+def test_the_deployed_app_has_the_surface_the_tests_read(deployed_surface, app_surface):
+    assert deployed_surface == app_surface
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +367,6 @@ def _rules() -> list[dict]:
     return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
-@pytest.mark.slow  # starts a server to read what it exports
 def test_alerts_cover_errors_saturation_and_latency_with_exported_metrics(exported):
     rules = _rules()
     exprs = " ".join(r["expr"] for r in rules)

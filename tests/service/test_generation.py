@@ -51,8 +51,8 @@ def sse(lines) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def server():
-    """A live server on the shipped models (eager step: the engine's logic, fast start)."""
-    app = create_app(settings(**serving_models(), compile=False))
+    """A live server on the shipped mnist model (eager step: the engine's logic, fast start)."""
+    app = create_app(settings(**serving_models("mnist"), compile=False))
     with live_server(app) as base:
         yield base
 
@@ -187,7 +187,7 @@ def test_a_client_that_leaves_frees_its_slots_at_the_next_step(server):
 def test_a_cancelled_handler_frees_its_slots():
     """A handler cancelled from outside (a wrapper's timeout, a server shutting down) takes
     its rows out of the sampler too."""
-    app = create_app(settings(**serving_models(), compile=False))
+    app = create_app(settings(**serving_models("mnist"), compile=False))
 
     async def go():
         async with async_client(app) as c:
@@ -209,7 +209,7 @@ def test_a_cancelled_handler_frees_its_slots():
 def test_a_failing_step_answers_500_and_the_engine_keeps_serving():
     """A fault in a lane (here its decoder) fails the images it holds with 500, plain or
     streamed, and the lane serves the next request as if nothing happened."""
-    app = create_app(settings(**serving_models(), compile=False))
+    app = create_app(settings(**serving_models("mnist"), compile=False))
     ask = {"model": "mnist", "n": 3, "seed": 11}
 
     def broken(grids):
@@ -244,7 +244,7 @@ def test_engine_metrics_are_exported(server):
 
 
 def test_a_request_past_its_deadline_leaves_with_504_or_an_error_event():
-    app = create_app(settings(**serving_models(), compile=False, request_timeout_s=0.05))
+    app = create_app(settings(**serving_models("mnist"), compile=False, request_timeout_s=0.05))
 
     async def go():
         async with async_client(app) as c:

@@ -515,7 +515,7 @@ MIXED = [
 
 @pytest.mark.slow
 def test_seeded_generate_is_identical_alone_and_in_a_burst_of_32():
-    app = create_app(settings(**serving_models(), max_wait_ms=100))
+    app = create_app(settings(**serving_models("mnist"), max_wait_ms=100))
     target = {"seed": 1234, "label": 7, "n": 2}
 
     async def main():
@@ -549,7 +549,7 @@ def test_seeded_generate_is_identical_alone_and_in_a_burst_of_32():
 
 @pytest.mark.slow
 def test_64_identical_seeded_requests_at_once_give_64_identical_answers():
-    app = create_app(settings(**serving_models(), max_wait_ms=50))
+    app = create_app(settings(**serving_models("mnist"), max_wait_ms=50))
     body = {"seed": 77, "label": 4}
 
     async def main():

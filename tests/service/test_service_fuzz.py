@@ -35,7 +35,7 @@ def base_url():
 
 
 def _settings():
-    models = serving_models() if REAL else tiny_models("mnist", "fashion-mnist")
+    models = serving_models(every=True) if REAL else tiny_models("mnist", "fashion-mnist")
     return settings(**models, max_body_bytes=256 * 1024, max_image_pixels=512 * 512,
                     max_images=8, max_grid=14, request_timeout_s=60)
 
