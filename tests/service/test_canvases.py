@@ -93,6 +93,7 @@ def test_the_served_canvas_is_the_uncached_references(server, bundle):
     assert canvas(server, grid, 8).json()["images"][0]["tokens"] == want
 
 
+@pytest.mark.slow
 def test_same_pixels_alone_and_beside_canvases_and_small_requests(server):
     asks = [((18, 30), 1), ((24, 17), 2), ((18, 30), 3)]
     alone = [canvas(server, g, s).json()["images"][0] for g, s in asks]
@@ -185,6 +186,10 @@ def test_a_canvas_deadline_grows_with_its_cells():
     assert canvas_timeout(30.0, 256, 256) == 30.0  # a training grid's worth: the timeout
     assert canvas_timeout(30.0, 128 * 128, 256) == 120.0  # a megapixel landscape: 4x
     assert canvas_timeout(30.0, 4 * 256 * 256, 256) == 1920.0  # n=4 of the largest
+
+
+@pytest.mark.slow
+def test_a_canvas_past_its_deadline_leaves_with_504():
     app = create_app(settings(**models(), compile=False, request_timeout_s=0.2))
 
     async def go():
@@ -213,3 +218,27 @@ def test_bad_max_grid_in_a_checkpoint_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "max_grid": [0, 8]}))
     with pytest.raises(CheckpointError, match="max_grid"):
         load_models(settings(checkpoint_dir=Path(tmp_path), models=["landscapes"]))
+
+
+@pytest.mark.slow
+def test_the_client_streams_canvas_strips_and_the_cli_paints_them(server):
+    import io
+    import sys
+
+    sys.path.insert(0, str(REAL.parent / "client"))  # the client's source: httpx, numpy, Pillow
+    from taming_client import GenerateParams, RowEvent, TamingClient
+    from taming_client.terminal import RowPainter
+
+    params = GenerateParams(model="landscapes", grid=(16, 20), seed=4, n=2)
+    with TamingClient(server, timeout=300) as client:
+        items = list(client.stream(params))
+        plain = client.generate(params)
+    rows = [i for i in items if isinstance(i, RowEvent)]
+    assert len(rows) == 2 * 16 and all(r.top == r.row * 8 for r in rows)
+    assert all(r.preview.size == (20 * 8, 8) for r in rows)
+    assert np.array_equal(np.asarray(items[-1].tokens), np.asarray(plain.tokens))
+    out = io.StringIO()
+    painter = RowPainter(out, 2, colour=False)
+    for r in rows:
+        painter.add(r)
+    assert painter.next_row == 16 and not painter.strips and out.getvalue()
