@@ -54,12 +54,12 @@ def _surface(settings) -> tuple[set[str], set[str]]:
 
 @pytest.fixture(scope="module")
 def app_surface():
-    """The surface of the real app on shipped models with the eager step: what it exports
-    depends neither on which models it serves nor on compiling (the slow
+    """The surface of the real app on the shipped mnist model with the eager step: what it
+    exports depends neither on which models it serves nor on compiling (the slow
     test_the_deployed_app_has_the_surface_the_tests_read checks that)."""
     from service_helpers import serving_models, settings
 
-    return _surface(settings(**serving_models(), api_keys=[], protect_metrics=False))
+    return _surface(settings(**serving_models("mnist"), api_keys=[], protect_metrics=False))
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
+pytestmark = pytest.mark.slow  # real processes: bash, pip and fresh interpreters
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPS = ROOT / "bench" / "gpu_deps.sh"
 MAX_MIB = 64
@@ -65,7 +67,6 @@ def _run_deps(py: Path, env: dict[str, str], offline: bool = False):
     return subprocess.run(cmd, env=base | env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 def test_make_gpu_wheels_builds_a_cpython_312_wheelhouse_under_64_mib(tmp_path):
     dest = tmp_path / "gpu"
     proc = subprocess.run(["make", "-s", "gpu-wheels", f"GPU_WHEELS={dest}"], cwd=ROOT,
@@ -91,7 +92,6 @@ def test_make_gpu_wheels_builds_a_cpython_312_wheelhouse_under_64_mib(tmp_path):
         assert wheels[name].name.split("-")[1] == version
 
 
-@pytest.mark.slow
 def test_gpu_deps_installs_the_wheelhouse_offline_into_a_private_folder(tmp_path):
     # A wheelhouse built the same way for this machine's Python, so the bare Python can use it.
     here = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -265,6 +265,7 @@ def test_a_request_past_its_deadline_leaves_with_504_or_an_error_event():
     assert metric(m, "taming_slots_active", model="mnist") == 0
 
 
+@pytest.mark.slow  # compiles every padded step size
 def test_compiled_steps_never_recompile_while_serving_and_pick_the_eager_tokens():
     """Start-up compiles every padded size (filtered and not); a mixed load then adds no
     graph, and its answers are the eager engine's, token for token."""

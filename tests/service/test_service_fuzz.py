@@ -23,6 +23,8 @@ from service_helpers import live_server, serving_models, settings, tiny_models
 
 from service.app import create_app
 
+pytestmark = pytest.mark.slow  # hundreds of generated requests: the fuzz runs in `make test`
+
 CASES = int(os.environ.get("FUZZ_CASES", "25"))
 REAL = os.environ.get("FUZZ_MODELS") == "shipped"
 SEEN: Counter = Counter()

@@ -33,6 +33,7 @@ def test_help(root):
     assert out.returncode == 0 and "--dataset" in out.stdout and "--resume" in out.stdout
 
 
+@pytest.mark.slow  # a real process
 def test_missing_dataset_gives_one_line_error(root, tmp_path):
     out = run(root, "vqvae", "--dataset", f"idx:{tmp_path}/none", "--out", str(tmp_path / "x"))
     assert out.returncode == 2
