@@ -81,6 +81,16 @@ class GenerateJob:
         self.tokens = np.zeros((self.n, self.grid[0] * self.grid[1]), dtype=np.int64)
         self.left = self.n
 
+    def deliver(self, index: int, codes: np.ndarray, image: np.ndarray) -> bool:
+        """Image `index` is done (under the engine's lock: two lanes may finish images of
+        one job at once); True when it was the job's last."""
+        self.tokens[index] = codes
+        if self.images is None:
+            self.images = np.zeros((self.n, *image.shape), dtype=image.dtype)
+        self.images[index] = image
+        self.left -= 1
+        return self.left == 0
+
 
 class Lane:
     """One thread, one scheduler, one step runner: steps the rows it holds until told to
@@ -410,18 +420,11 @@ class GenerationEngine:
                 events.append((im.job, im.index, r,
                                codes[im.cond][r * cols: im.pos].copy(), pictures[id(im)]))
         done = []
-        with self._lock:  # two lanes may finish images of one job at once
+        with self._lock:
             for im in finished:
-                if id(im.job) in failed:
-                    continue
-                job, image = im.job, pictures[id(im)]
-                job.tokens[im.index] = codes[im.cond]
-                if job.images is None:
-                    job.images = np.zeros((job.n, *image.shape), dtype=image.dtype)
-                job.images[im.index] = image
-                job.left -= 1
-                if job.left == 0:
-                    done.append(job)
+                if id(im.job) not in failed and im.job.deliver(
+                        im.index, codes[im.cond], pictures[id(im)]):
+                    done.append(im.job)
         self._loop.call_soon_threadsafe(self._report, events, done)
 
     def finish_canvas(self, im: Image, strips: list, codes: np.ndarray | None,
@@ -436,12 +439,7 @@ class GenerationEngine:
         done = []
         if codes is not None:
             with self._lock:
-                job.tokens[im.index] = codes
-                if job.images is None:
-                    job.images = np.zeros((job.n, *picture.shape), dtype=picture.dtype)
-                job.images[im.index] = picture
-                job.left -= 1
-                if job.left == 0:
+                if job.deliver(im.index, codes, picture):
                     done.append(job)
         self._loop.call_soon_threadsafe(self._report, events, done)
 
