@@ -33,7 +33,9 @@ pytestmark = pytest.mark.skipif(not (LANDSCAPES / "transformer.safetensors").is_
 
 
 def models() -> dict:
-    return {"checkpoint_dir": REAL, "models": ["mnist", "landscapes"]}
+    """The two models these tests use, with few slots: a lane's start-up runs each padded
+    size of its rows once, and a canvas needs one lane, not many rows."""
+    return {"checkpoint_dir": REAL, "models": ["mnist", "landscapes"], "generate_slots": 8}
 
 
 def sse(text: str) -> list[tuple[str, dict]]:
