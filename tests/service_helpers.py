@@ -13,6 +13,7 @@ import atexit
 import io
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -161,6 +162,29 @@ async def async_client(app):
         async with httpx.AsyncClient(transport=transport, base_url="http://test",
                                      timeout=120) as client:
             yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, proc: subprocess.Popen, limit: float = 120) -> float:
+    """Seconds until a server process at `base` answers /readyz 200; it is killed, and the
+    test fails, if it exits first or is not ready within `limit`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early: {proc.communicate()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server not ready in time")
 
 
 @contextmanager

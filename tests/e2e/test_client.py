@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import REAL, ROOT, metric, real_generators, tiny_root
+from service_helpers import REAL, ROOT, free_port, metric, real_generators, tiny_root, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +48,6 @@ def client_env(tmp_path_factory) -> Path:
     return env_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(**extra) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ)
@@ -65,18 +58,8 @@ def start_server(**extra) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server not ready in time")
+    wait_ready(base, proc)
+    return proc, base
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -12,10 +12,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -23,7 +21,7 @@ import openai
 import pytest
 import tritonclient.http as triton
 from PIL import Image
-from service_helpers import ROOT, metric, serving_models
+from service_helpers import ROOT, free_port, metric, serving_models, wait_ready
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.slow  # a real server process (or kustomize) per module
@@ -41,9 +39,7 @@ def auth() -> dict:
 def server(tmp_path_factory):
     """`python -m service` on the shipped models (tiny ones until those are trained), with
     an API key; yields (base URL, access log path)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     models = serving_models()
     log = tmp_path_factory.mktemp("protocols") / "access.log"
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "TAMING_TORCH_THREADS": "1",
@@ -55,16 +51,7 @@ def server(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "server not ready in time"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_ready(base, proc)
         yield base, log
     finally:
         proc.send_signal(signal.SIGTERM)

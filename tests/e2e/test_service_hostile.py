@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from service_helpers import REAL, ROOT, assert_error, png_of
+from service_helpers import REAL, ROOT, assert_error, free_port, png_of, wait_ready
 
 from service.png import png_bytes
 
@@ -31,16 +31,10 @@ pytestmark = pytest.mark.slow
 HEADER_TIMEOUT_S = 2.0  # the server's TAMING_HEADER_TIMEOUT_S (default 10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, int]]:
     """(base URL, pid) of `python -m service` serving mnist from the shipped checkpoints."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), PYTHONPATH=str(ROOT),
                TAMING_CHECKPOINT_DIR=str(REAL), TAMING_MODELS="mnist", TAMING_TORCH_THREADS="1",
                TAMING_LOG_LEVEL="warning", TAMING_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S))
@@ -49,16 +43,7 @@ def server() -> Iterator[tuple[str, int]]:
                                 stdout=subprocess.DEVNULL, stderr=err)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, "the server exited early"
-                assert time.monotonic() < deadline, "the server did not get ready"
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+            wait_ready(base, proc)
             yield base, proc.pid
         finally:
             proc.terminate()

@@ -17,17 +17,20 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import ROOT, live_server, metric, settings, tiny_models, tiny_root
+from service_helpers import (
+    ROOT,
+    free_port,
+    live_server,
+    metric,
+    settings,
+    tiny_models,
+    tiny_root,
+    wait_ready,
+)
 
 from models.checkpoint import CheckpointError
 from service.app import create_app
 from service.registry import load_models
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def service_env(**extra) -> dict:
@@ -36,20 +39,6 @@ def service_env(**extra) -> dict:
                 "TAMING_COMPILE": "false", "PYTHONPATH": str(ROOT)})
     env.update({k: str(v) for k, v in extra.items()})
     return env
-
-
-def wait_ready(base: str, proc: subprocess.Popen, limit: float = 60) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.communicate()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - t0
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server not ready in time")
 
 
 @pytest.mark.slow
@@ -65,7 +54,7 @@ def test_sigterm_drains_in_flight_and_queued_requests_then_exits_0():
                         TAMING_GENERATE_SLOTS=1, TAMING_MAX_BATCH_SIZE=1,
                         TAMING_SHUTDOWN_GRACE_S=1.5))
     try:
-        assert wait_ready(base, proc) < 30
+        assert wait_ready(base, proc, limit=60) < 30
         bodies = ([{"seed": i, "n": 32} for i in range(2)]
                   + [{"seed": 10 + i, "grid": [24, 24]} for i in range(3)])
         with ThreadPoolExecutor(len(bodies)) as pool:
