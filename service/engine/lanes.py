@@ -75,7 +75,6 @@ class GenerateJob:
     finished: float | None = None
     company: int = 0  # images sampling in its lane at its first step
     timeout_s: float = 0.0  # its deadline, from arrival
-    canvas: bool = False  # its grid is beyond the model's: each image is a lane's canvas
 
     def __post_init__(self) -> None:
         self.tokens = np.zeros((self.n, self.grid[0] * self.grid[1]), dtype=np.int64)
@@ -101,7 +100,6 @@ class Lane:
         self.index = index
         self.runner = runner
         self.scheduler = Scheduler(runner.capacity, runner.sizes, runner.cols, runner.seq_len)
-        self.canvas_runner = engine.canvas_runner
         self.canvas: Image | None = None  # set by the engine's take, under its lock
         self.sampler = None  # the canvas's CanvasSampler, once started on this thread
         self.prepared = threading.Event()
@@ -119,7 +117,7 @@ class Lane:
         with torch.inference_mode():
             eager = self.runner.prepare(e.compile, e.compile_deadline)
             if self.index == 0:
-                self.canvas_runner.prepare(e.decode)
+                e.canvas_runner.prepare(e.decode)
         if eager:
             log.warning("%s lane %d: compile budget spent; %d step graphs run eager",
                         e.name, self.index, eager)
@@ -186,7 +184,7 @@ class Lane:
         streamed request, and a complete canvas is decoded and delivered."""
         e, im = self.engine, self.canvas
         if self.sampler is None:
-            self.sampler = self.canvas_runner.start(im)
+            self.sampler = e.canvas_runner.start(im)
         s = self.sampler
         busy = self.scheduler.active or e.waiting
         limit = max(1, self.runner.capacity // 2) if busy else self.runner.capacity
@@ -198,13 +196,13 @@ class Lane:
         for row in completed:
             if job.on_row is not None:
                 cells = s.codes[row * W:(row + 1) * W].cpu().numpy()
-                strips.append((row, cells, self.canvas_runner.preview(cells)))
+                strips.append((row, cells, e.canvas_runner.preview(cells)))
             elif row == 0:
                 strips.append((row, None, None))  # its time to first row
         codes = picture = None
         if s.done:
             codes = s.codes.cpu().numpy()
-            picture = self.canvas_runner.picture(s, e.decode)
+            picture = e.canvas_runner.picture(s, e.decode)
             e.leave_canvas(self)
         if strips or codes is not None:
             e.finish_canvas(im, strips, codes, picture)
@@ -293,13 +291,12 @@ class GenerationEngine:
         loop = self._loop
         job = GenerateJob(n, image, guided, grid, loop.create_future(), loop.time(), filtered,
                           on_row)
-        job.canvas = tuple(grid) != self.grid
-        cells = n * grid[0] * grid[1]
-        job.timeout_s = (canvas_timeout(self.admission.timeout_s, cells,
+        canvas = tuple(grid) != self.grid  # each image is a lane's canvas
+        job.timeout_s = (canvas_timeout(self.admission.timeout_s, n * grid[0] * grid[1],
                                         self.grid[0] * self.grid[1])
-                         if job.canvas else self.admission.timeout_s)
+                         if canvas else self.admission.timeout_s)
         with self._lock:
-            (self._canvases if job.canvas else self._waiting).extend(
+            (self._canvases if canvas else self._waiting).extend(
                 Image(job, i) for i in range(n))
             self.admission.enter(n)
             self.metrics.queue_depth.labels("generate", self.name).inc(n)
@@ -362,6 +359,7 @@ class GenerationEngine:
                 joined.append(self._waiting.popleft())
             if lane.canvas is None and self._canvases:
                 lane.canvas = self._canvases.popleft()
+                lane.canvas.job.company = lane.canvas.job.company or 1  # a canvas runs alone
                 seated = [*joined, lane.canvas]
                 self.count_active()
             else:
@@ -376,8 +374,6 @@ class GenerationEngine:
             if seated:
                 self.admission.leave(len(seated))
                 self.metrics.queue_depth.labels("generate", self.name).dec(len(seated))
-            if lane.canvas is not None and not lane.canvas.job.company:
-                lane.canvas.job.company = 1
             return joined
 
     @property
