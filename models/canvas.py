@@ -31,7 +31,7 @@ import math
 import torch
 
 from .gpt import GPT
-from .sampling import SamplingBatch, choose
+from .sampling import SamplingBatch, choose, filtering
 
 
 def lag(window: tuple[int, int]) -> int:
@@ -73,12 +73,15 @@ class CanvasSampler:
         self.store_k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.store_v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.batch = batch.to(p.device)
+        # asked once: whether picks need the top-k/top-p sort (not a device sync a step)
+        self.filtered = filtering(batch.top_k, batch.top_p, cfg.codebook_size)
         self.class_id = int(batch.class_ids[0])
         self.codes = torch.zeros(H * W, dtype=torch.int64, device=p.device)
         self.next_col = [0] * H  # per row: the next query's column; W + 1 when done
         self.first = 0  # rows above it are done
         # the window's offsets, in the order of the model's relative biases
-        j = torch.arange(wr * wc, device=p.device)
+        self._slots = torch.arange(wr * wc + 1, device=p.device)  # then the class key's bias
+        j = self._slots[:-1]
         self._dr, self._dc = j // wc, wc // 2 - j % wc  # key cell = (r - dr, c + dc)
         # the bias of a query's own key, at offset (0, 1): in the window unless it is narrow
         self._own = 1 + wc // 2 if 1 + wc // 2 < wc else wr * wc + 1
@@ -93,7 +96,7 @@ class CanvasSampler:
         return self.grid[1] - (r == self.grid[0] - 1)
 
     def _ready(self, r: int, c: int) -> bool:
-        H, W = self.grid
+        W = self.grid[1]
         if r and self.next_col[r - 1] <= min(c + self.lag - 1, W):
             return False
         # a row's keys overwrite those of the row `ring` above: no row may need those still
@@ -132,7 +135,7 @@ class CanvasSampler:
             b = self.batch
             n = len(picks)
             chosen = choose(logits[at], b.uniforms[0, cell], b.temperature.expand(n),
-                            b.top_k.expand(n), b.top_p.expand(n))
+                            b.top_k.expand(n), b.top_p.expand(n), filtered=self.filtered)
             forced = b.prefix[0, cell]
             self.codes[cell] = torch.where(forced >= 0, forced, chosen)
         completed = []
@@ -165,8 +168,7 @@ class CanvasSampler:
         read = torch.cat([read, torch.full_like(r, self.class_slot)[:, None]], dim=1)
         seen = torch.cat([seen, ~first[:, None]], dim=1)
         own = torch.where(c > 0, self._own, torch.where(first, wr * wc, wr * wc + 1))
-        index = torch.cat([torch.arange(wr * wc + 1, device=r.device).expand(len(r), -1),
-                           own[:, None]], dim=1)
+        index = torch.cat([self._slots.expand(len(r), -1), own[:, None]], dim=1)
         bias = self.gpt.rel_bias[:, index].permute(1, 2, 0)  # (cells, slots, heads)
         visible = torch.cat([seen, torch.ones_like(first)[:, None]], dim=1)
         bias = bias.masked_fill(~visible[:, :, None], float("-inf"))
