@@ -7,7 +7,9 @@ the distance is the mean over random unit directions of the 1-D Wasserstein dist
 the sets' projections (sorted, compared rank by rank). Reported x1000, as in the paper, per
 level (finest first) and averaged. A figure means little alone, so every report carries its
 floor (held-out crops against other held-out crops of the same photographs) and a blur
-baseline (those crops blurred) beside it.
+baseline (those crops blurred) beside it. Crops of the training photographs are judged the
+same way: the distance that the split by photograph alone puts between the data a model learns
+from and the held-out crops, which samples of even a perfect model of that data would show.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     bundle = load_bundle(folder, device=device)
     size = bundle.vqvae.config.image_size
-    data = load_dataset(bundle.config["dataset"], size, crops=1, seed=args.seed)
+    data = load_dataset(bundle.config["dataset"], size, crops=args.images, seed=args.seed)
     held_out = data.test.images  # fixed-seed crops of the held-out photographs
     if not data.streamed or len(held_out) < 2 * args.images:
         raise SystemExit(f"{folder}: needs a photo data set with {2 * args.images} held-out crops")
@@ -137,6 +139,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "crop": list(size), "images": args.images, "metric": "swd_x1000_laplacian_7x7",
         "swd_floor": swd(other, ref, args.seed),
         "swd_blur": swd(blurred(other), ref, args.seed),
+        "swd_training_crops": swd(data.train.images[torch.arange(args.images)], ref, args.seed),
         "swd_reconstructions": swd(recon, ref, args.seed),
         "tokenizer": {k: v for k, v in measure(bundle.vqvae, held_out).items() if k != "images"},
     }
@@ -148,7 +151,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         result["settings"] = settings
         result["swd_samples"] = swd(samples, ref, args.seed)
     floor = result["swd_floor"]["mean"]
-    for key in ("blur", "reconstructions", "samples"):
+    for key in ("blur", "training_crops", "reconstructions", "samples"):
         if f"swd_{key}" in result:
             result[f"ratio_{key}"] = round(result[f"swd_{key}"]["mean"] / max(floor, 1e-9), 2)
     result["device"] = str(device)
