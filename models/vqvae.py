@@ -23,6 +23,9 @@ class VQVAEConfig:
     downsample: int = 4  # 28x28 -> 7x7; must be a power of two
     widths: tuple[int, ...] = (16, 48, 96)  # one width per resolution, finest first
     res_blocks: int = 1  # residual blocks per resolution (twice that at the coarsest)
+    # the decoder's residual blocks at full resolution, where photographs' fine texture is
+    # drawn; none by default, since they cost the most per pixel
+    decoder_fine_blocks: int = 0
     codebook_size: int = 256  # K
     code_dim: int = 32
     quantizer: str = "ema"  # "ema" (ours) or "plain" (loss-trained, random init, no restarts)
@@ -41,6 +44,8 @@ class VQVAEConfig:
             raise ValueError(f"widths needs {levels + 1} entries for downsample {self.downsample}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.decoder_fine_blocks < 0:
+            raise ValueError(f"decoder_fine_blocks must be >= 0, got {self.decoder_fine_blocks}")
         if self.quantizer not in ("ema", "plain"):
             raise ValueError(f"quantizer must be 'ema' or 'plain', got {self.quantizer!r}")
         if any(s % self.downsample for s in self.image_size):
@@ -100,8 +105,8 @@ class Decoder(nn.Module):
         for i in range(len(w) - 1):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
                        nn.Conv2d(w[i], w[i + 1], 3, padding=1)]
-            if i < len(w) - 2:
-                layers += [ResBlock(w[i + 1]) for _ in range(cfg.res_blocks)]
+            n = cfg.res_blocks if i < len(w) - 2 else cfg.decoder_fine_blocks
+            layers += [ResBlock(w[i + 1]) for _ in range(n)]
         layers += [_norm(w[-1]), nn.SiLU(), nn.Conv2d(w[-1], cfg.channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,6 +75,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-decoder-only", action="store_true",
                    help="with --init: freeze the encoder and the codebook, so the token grids stay "
                         "valid; only the decoder learns, and the init's transformer is copied along")
+    g.add_argument("--decoder-fine-blocks", type=int, default=None,
+                   help="residual blocks in the decoder at full resolution (default 0, or the "
+                        "init's); with --init, more than it has grows its decoder by blocks that "
+                        "start as the identity")
 
 
 def _save_recon_png(model: VQVAE, x: torch.Tensor, path: Path) -> None:
@@ -104,6 +109,29 @@ def _perceptual_net(args: argparse.Namespace, data, run_dir: Path, d, device) ->
     if d.world > 1:
         torch.distributed.barrier()
     return load_perceptual(path).to(device), str(path)
+
+
+def grow_decoder(model: VQVAE, fine_blocks: int) -> VQVAE:
+    """`model` with `fine_blocks` full-resolution residual blocks in its decoder instead of fewer.
+    The new blocks go just before the output layers with their last conv zeroed, so each
+    starts as the identity and the grown tokenizer decodes exactly as `model` did."""
+    old = model.config.decoder_fine_blocks
+    if fine_blocks < old:
+        raise SystemExit(f"--decoder-fine-blocks {fine_blocks}: the init's decoder already has {old}")
+    grown = VQVAE(replace(model.config, decoder_fine_blocks=fine_blocks)).to(next(model.parameters()).device)
+    grown.encoder.load_state_dict(model.encoder.state_dict())
+    grown.quantizer.load_state_dict(model.quantizer.state_dict())
+    src, dst = model.decoder.net, grown.decoder.net
+    head = len(src) - 3  # everything before the output norm, activation and conv
+    for i in range(head):
+        dst[i].load_state_dict(src[i].state_dict())
+    for i in range(head, len(dst) - 3):
+        last = dst[i].block[-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+    for i in range(1, 4):
+        dst[-i].load_state_dict(src[-i].state_dict())
+    return grown.train(model.training)
 
 
 def carry_transformer(init: Path, out: Path) -> bool:
@@ -149,10 +177,14 @@ def train(args: argparse.Namespace) -> Path:
         cfg = model.config
         if (cfg.image_size, cfg.channels) != (image_size, data.channels):
             raise SystemExit(f"--init {args.init}: a tokenizer for {cfg.image_size}x{cfg.channels} images")
+        if args.decoder_fine_blocks is not None and args.decoder_fine_blocks != cfg.decoder_fine_blocks:
+            model = grow_decoder(model, args.decoder_fine_blocks)
+            cfg = model.config
     else:
         cfg = VQVAEConfig(
             image_size=image_size, channels=data.channels, downsample=args.downsample,
             widths=tuple(int(w) for w in args.widths.split(",")), res_blocks=args.res_blocks,
+            decoder_fine_blocks=args.decoder_fine_blocks or 0,
             codebook_size=args.codebook_size, code_dim=args.code_dim, quantizer=args.quantizer,
             beta=args.beta)
         model = VQVAE(cfg).to(device)

@@ -163,17 +163,20 @@ def test_vqgan_cli_trains_resumes_and_ships_no_discriminator(root, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     ft = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert ft["vqvae"] == cfg["vqvae"] and ft["training"]["vqvae"]["init"]["from"] == str(ck)
-    # decoder only: the encoder and codebook, hence every token grid, stay; the decoder moves
+    # decoder only: the encoder and codebook, hence every token grid, stay; the decoder moves,
+    # grown by a full-resolution block
     out = run(root, "vqvae", "--dataset", "mnist", "--out", str(tmp_path / "dec"), "--run-dir",
               str(tmp_path / "decrun"), "--limit", "128", "--batch-size", "64", "--epochs", "1",
               "--init", str(ck), "--train-decoder-only", "--perceptual", str(rd / "perceptual.safetensors"),
-              *TINY_GAN)
+              "--decoder-fine-blocks", "1", *TINY_GAN)
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = load_bundle(ck).vqvae, load_bundle(tmp_path / "dec").vqvae
     x = load_dataset("mnist").test.floats()[:200]
     assert torch.equal(before.encode(x), after.encode(x))
     assert torch.equal(before.quantizer.embed, after.quantizer.embed)
     assert not torch.equal(before.decoder.net[-1].weight, after.decoder.net[-1].weight)
+    assert (before.config.decoder_fine_blocks, after.config.decoder_fine_blocks) == (0, 1)
+    assert after.decoder.net[-4].block[-1].weight.abs().sum() > 0  # the new block learned
 
 
 @pytest.mark.slow

@@ -115,13 +115,16 @@ def test_rgb_and_bad_configs():
     with pytest.raises(ValueError):
         VQVAEConfig(channels=2)
     with pytest.raises(ValueError):
+        VQVAEConfig(decoder_fine_blocks=-1)
+    with pytest.raises(ValueError):
         m.decode(torch.tensor([[[16]]]))
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_frozen_tokenizer_matches_eager_for_any_batch_and_grid(channels):
     torch.manual_seed(0)
-    vq = VQVAE(VQVAEConfig(channels=channels, widths=(8, 16, 16), codebook_size=32, code_dim=4))
+    vq = VQVAE(VQVAEConfig(channels=channels, widths=(8, 16, 16), codebook_size=32, code_dim=4,
+                           decoder_fine_blocks=channels // 3))
     vq.quantizer.embed.normal_()
     vq.train()
     frozen = FrozenTokenizer(vq)  # traced at batch 2 on a 7x7 grid
@@ -138,3 +141,29 @@ def test_frozen_tokenizer_matches_eager_for_any_batch_and_grid(channels):
             assert torch.equal(vq.encode_pixels(pixels), codes), shape
             assert torch.equal(frozen.encode_pixels(pixels), codes), shape
             assert frozen.encode_pixels(pixels).dtype == torch.int64
+
+
+def test_a_grown_decoder_decodes_as_before_and_round_trips(tmp_path):
+    """Full-resolution blocks added to a trained decoder start as the identity: the same
+    pixels until training moves them; the checkpoint keeps them."""
+    from models.checkpoint import load_bundle, save_vqvae
+    from training.vqvae import grow_decoder
+
+    torch.manual_seed(0)
+    vq = VQVAE(small_cfg(channels=3, decoder_fine_blocks=1)).eval()
+    grown = grow_decoder(vq, 3)
+    assert grown.config.decoder_fine_blocks == 3 and not grown.training
+    added = sum(p.numel() for p in grown.parameters()) - sum(p.numel() for p in vq.parameters())
+    assert added == 2 * sum(p.numel() for p in grown.decoder.net[-4].parameters())
+    tokens = torch.randint(0, 16, (2, 7, 7))
+    with torch.no_grad():
+        assert torch.equal(grown.decode(tokens), vq.decode(tokens))
+        x = torch.rand(2, 3, 28, 28)
+        assert torch.equal(grown.encode(x), vq.encode(x))
+    save_vqvae(tmp_path, grown)
+    loaded = load_bundle(tmp_path).vqvae
+    assert loaded.config.decoder_fine_blocks == 3
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(tokens), vq.decode(tokens))
+    with pytest.raises(SystemExit, match="already has 3"):
+        grow_decoder(grown, 2)
