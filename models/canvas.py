@@ -30,8 +30,8 @@ import math
 
 import torch
 
-from .gpt import GPT
-from .sampling import SamplingBatch, choose, filtering
+from .gpt import GPT, CanvasCache
+from .sampling import SamplingBatch, filtering, pick
 
 
 def lag(window: tuple[int, int]) -> int:
@@ -126,18 +126,17 @@ class CanvasSampler:
         H, W = self.grid
         rc = torch.tensor(cells, dtype=torch.int64, device=self.device)
         r, c = rc[:, 0], rc[:, 1]
-        logits = self.gpt.forward_gathered(self._inputs(r, c), self.store_k, self.store_v,
-                                           *self._layout(r, c))
+        cache = CanvasCache(self.store_k, self.store_v, *self._layout(r, c))
+        logits = self.gpt(self._inputs(r, c)[:, None], cache=cache)[0][:, 0]
         picks = [i for i, (_, col) in enumerate(cells) if col < W]  # tails pick nothing
         if picks:
             at = torch.tensor(picks, dtype=torch.int64, device=self.device)
             cell = r[at] * W + c[at]
             b = self.batch
             n = len(picks)
-            chosen = choose(logits[at], b.uniforms[0, cell], b.temperature.expand(n),
-                            b.top_k.expand(n), b.top_p.expand(n), filtered=self.filtered)
-            forced = b.prefix[0, cell]
-            self.codes[cell] = torch.where(forced >= 0, forced, chosen)
+            self.codes[cell] = pick(logits[at], b.uniforms[0, cell], b.temperature.expand(n),
+                                    b.top_k.expand(n), b.top_p.expand(n), b.prefix[0, cell],
+                                    filtered=self.filtered)
         completed = []
         for row, col in cells:
             self.next_col[row] = col + 1
@@ -234,14 +233,12 @@ def canvas_reference(gpt: GPT, batch: SamplingBatch, grid: tuple[int, int]) -> t
         for i, (r, c) in enumerate(queries):
             ids.append(int(row.class_ids[0]) if i == 0 else
                        int(codes[r * W + c - 1]) if c else int(codes[(r - 1) * W + lag_col]))
-            x = gpt.tok_emb(torch.tensor(ids, device=bias.device))[None]
-            for blk in gpt.blocks:
-                x = blk(x, bias[:, : i + 1, : i + 1])
             if c == W:
                 continue
-            logits = gpt.head(gpt.ln_f(x[:, -1]))
+            logits, _ = gpt(torch.tensor(ids, device=bias.device)[None],
+                            bias=bias[:, : i + 1, : i + 1])
             cell = r * W + c
-            pick = choose(logits, row.uniforms[:, cell], row.temperature, row.top_k, row.top_p)
-            codes[cell] = row.prefix[0, cell] if row.prefix[0, cell] >= 0 else pick[0]
+            codes[cell] = pick(logits[:, -1], row.uniforms[:, cell], row.temperature, row.top_k,
+                               row.top_p, row.prefix[:, cell])[0]
         out.append(codes)
     return torch.stack(out)

@@ -21,11 +21,12 @@ key where the window leaves it out (the first column, whose input is the previou
 cell). A relative model never learns where in the training crop a cell is, so a key computed
 once stays valid wherever the window later sits over a larger canvas.
 
-The cached forward (`forward_cached`) runs one query per row against that row's own KV cache:
-the step of the serving engine (models/slots.py) and of the training-grid sampler. The gathered
-forward (`forward_gathered`) runs one query per cell of a canvas larger than the training grid
-against keys gathered from a shared store by index (models/canvas.py says which): only a
-relative model's keys stay valid there.
+One forward (`GPT.forward`, one attention computation) serves every caller, as in gpt-fast:
+without a cache it runs whole sequences (training, the reference samplers); with a cache the
+attention's keys and values are those the cache's `update` returns. A `RowCache` is the step
+engine's (models/slots.py): one query per row against that row's own line of keys. A
+`CanvasCache` is a canvas's (models/canvas.py): one query per cell against keys gathered by
+slot from a shared store, valid for a relative model only.
 """
 
 from __future__ import annotations
@@ -116,6 +117,56 @@ def relative_index(grid: tuple[int, int], window: tuple[int, int]) -> torch.Tens
     return idx
 
 
+class RowCache:
+    """The step engine's KV cache (gpt-fast's `KVCache`): per layer, one line of `seq_len`
+    keys and values per row, (rows, heads, T, head_dim). Each of the batch's rows writes its
+    new key at its own position and attends over its whole line; the window's bias hides
+    what it may not see."""
+
+    def __init__(self, keys: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...],
+                 rows: torch.Tensor, pos: torch.Tensor) -> None:
+        self.keys, self.values, self.rows, self.pos = keys, values, rows, pos
+
+    def bias(self, gpt: GPT) -> torch.Tensor:
+        """(B, H, 1, T): each row's window over its own line."""
+        return gpt.attention_bias(self.pos, self.keys[0].shape[2]).transpose(0, 1)[:, :, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, 1, head_dim) -> the batch's lines (B, H, T, head_dim)."""
+        B = k.shape[0]
+        self.keys[layer][self.rows, :, self.pos] = k[:, :, 0]
+        self.values[layer][self.rows, :, self.pos] = v[:, :, 0]
+        return self.keys[layer][:B], self.values[layer][:B]
+
+
+class CanvasCache:
+    """A canvas's key store (models/canvas.py): per layer, keys and values by slot,
+    (layers, slots, heads, head_dim). Each query reads the slots `read` (B, S) says, sees
+    its own key last, then leaves its key and value at slot `write` (B,). `bias`
+    (B, S + 1, heads): the relative biases, -inf where a read slot holds no key."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, read: torch.Tensor,
+                 write: torch.Tensor, bias: torch.Tensor) -> None:
+        self.keys, self.values, self.read, self.write = keys, values, read, write
+        self._bias = bias
+
+    def bias(self, gpt: GPT) -> torch.Tensor:
+        return self._bias.permute(0, 2, 1)[:, :, None]  # (B, H, 1, S + 1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, 1, head_dim) -> the keys each query sees (B, H, S + 1, head_dim)."""
+        B, S = self.read.shape
+        at = self.read.flatten()  # index_select: a gather of whole slots, no advanced indexing
+        seen = []
+        for store, new in ((self.keys[layer], k), (self.values[layer], v)):
+            old = store.index_select(0, at).view(B, S, *store.shape[1:]).transpose(1, 2)
+            seen.append(torch.cat([old, new], dim=2))
+            store.index_copy_(0, self.write, new[:, :, 0])
+        return seen[0], seen[1]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -124,63 +175,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor):
-        """`mask`: (L, L) bool in training (absolute positions); else additive, (H, L, L) with
-        H 1 or n_head."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor,
+                cache: RowCache | CanvasCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, L, C); `bias` additive, broadcastable to (B, heads, L, keys). With a cache,
+        the keys are those it returns for this layer; without, the L positions' own."""
         B, L, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
-        k = k.view(B, L, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, L, self.n_head, self.head_dim).transpose(1, 2)
-        if self.training:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
-        else:
-            # scale, scores and additive mask are one baddbmm: the arithmetic of `cached`
-            T = k.shape[2]
-            mask = mask.expand(B, self.n_head, L, T).reshape(B * self.n_head, L, T)
-            att = torch.baddbmm(mask, q.reshape(B * self.n_head, L, self.head_dim),
-                                k.reshape(B * self.n_head, T, self.head_dim).transpose(1, 2),
-                                alpha=1.0 / math.sqrt(self.head_dim))
-            y = torch.bmm(att.softmax(dim=-1), v.reshape(B * self.n_head, T, self.head_dim))
-            y = y.view(B, self.n_head, L, self.head_dim)
+        q, k, v = (t.view(B, L, self.n_head, self.head_dim).transpose(1, 2)
+                   for t in self.qkv(x).split(C, dim=2))  # (B, nh, L, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
-
-    def cached(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-               rows: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """One query per row (x: (B, C)) at its own position: write its key and value into
-        its row of the cache (rows, heads, T, head_dim), attend over that row. `bias`:
-        (B * heads, 1, T) additive."""
-        B, C = x.shape
-        nh, hd = self.n_head, self.head_dim
-        q, k, v = self.qkv(x).split(C, dim=1)
-        cache_k[rows, :, pos] = k.view(B, nh, hd)
-        cache_v[rows, :, pos] = v.view(B, nh, hd)
-        T = cache_k.shape[2]
-        att = torch.baddbmm(bias, q.reshape(B * nh, 1, hd),
-                            cache_k[:B].reshape(B * nh, T, hd).transpose(1, 2),
-                            alpha=1.0 / math.sqrt(hd))
-        y = torch.bmm(att.softmax(dim=-1), cache_v[:B].reshape(B * nh, T, hd))
-        return self.proj(y.view(B, C))
-
-    def gathered(self, x: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
-                 read: torch.Tensor, write: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """One query per row (x: (B, C)) over the keys at `read` (B, S) of a store
-        (slots, heads, head_dim) and its own key last; then its key and value go to the
-        store at `write` (B,). `bias`: (B, S + 1, heads) additive."""
-        B, C = x.shape
-        S = read.shape[1]
-        nh, hd = self.n_head, self.head_dim
-        q, k, v = (t.reshape(B, nh, hd) for t in self.qkv(x).split(C, dim=1))
-        at = read.flatten()  # index_select: a gather of whole rows, no advanced indexing
-        keys = store_k.index_select(0, at).view(B, S, nh, hd)
-        values = store_v.index_select(0, at).view(B, S, nh, hd)
-        # a handful of keys per query: products and sums, not a batched matmul per query
-        att = torch.cat([(keys * q[:, None]).sum(-1), (k * q).sum(-1)[:, None]], dim=1)
-        att = (att / math.sqrt(hd) + bias).softmax(dim=1)  # (B, S + 1, heads)
-        y = (att[:, :S, :, None] * values).sum(1) + att[:, S, :, None] * v
-        store_k.index_copy_(0, write, k)
-        store_v.index_copy_(0, write, v)
-        return self.proj(y.reshape(B, C))
 
 
 class MLP(nn.Module):
@@ -202,16 +208,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask):
-        x = x + self.drop(self.attn(self.ln1(x), mask))
-        return x + self.mlp(self.ln2(x))
-
-    def cached(self, x, cache_k, cache_v, rows, pos, bias):
-        x = x + self.attn.cached(self.ln1(x), cache_k, cache_v, rows, pos, bias)
-        return x + self.mlp(self.ln2(x))
-
-    def gathered(self, x, store_k, store_v, read, write, bias):
-        x = x + self.attn.gathered(self.ln1(x), store_k, store_v, read, write, bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor,
+                cache: RowCache | CanvasCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), bias, cache, layer))
         return x + self.mlp(self.ln2(x))
 
 
@@ -233,10 +232,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.codebook_size, bias=False)
-        # built once: the window mask and each position's target cell
-        self.register_buffer("mask", window_mask(cfg.grid, cfg.window), persistent=False)
+        # built once: the window mask (additive) and each position's target cell
         self.register_buffer("mask_bias", torch.zeros(cfg.seq_len, cfg.seq_len).masked_fill(
-            ~self.mask, float("-inf")), persistent=False)  # the same mask, additive (inference)
+            ~window_mask(cfg.grid, cfg.window), float("-inf")), persistent=False)
         pos = torch.arange(cfg.seq_len)
         self.register_buffer("pos_row", pos // cols, persistent=False)
         self.register_buffer("pos_col", pos % cols, persistent=False)
@@ -269,50 +267,29 @@ class GPT(nn.Module):
             return mask
         return self.rel_bias[:, self.rel_index[query_pos, :keys]] + mask
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, L) ids at positions 0..L-1 -> (logits (B, L, K), loss)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                pos: torch.Tensor | None = None, cache: RowCache | CanvasCache | None = None,
+                bias: torch.Tensor | None = None):
+        """idx (B, L) ids at positions `pos` (default 0..L-1) -> (logits (B, L, K), loss).
+
+        The one forward: training and the references over whole sequences; the step engine
+        (a `RowCache`, one query per row) and canvases (a `CanvasCache`) through their
+        cache. `bias` overrides the window's (canvas_reference's layout)."""
         B, L = idx.shape
-        pos = torch.arange(L, device=idx.device)
+        if pos is None:
+            pos = torch.arange(L, device=idx.device)
         x = self.drop(self.embed(idx, pos))
-        if self.training and not self.relative:
-            mask = self.mask[:L, :L]
-        else:
-            mask = self.attention_bias(pos, L)
-        for blk in self.blocks:
-            x = blk(x, mask)
+        if cache is not None:
+            bias = cache.bias(self)
+        elif bias is None:
+            bias = self.attention_bias(pos, L)
+        for layer, blk in enumerate(self.blocks):
+            x = blk(x, bias, cache, layer)
         logits = self.head(self.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
-
-    def forward_cached(self, token: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
-                       cache_k: tuple[torch.Tensor, ...], cache_v: tuple[torch.Tensor, ...]
-                       ) -> torch.Tensor:
-        """One token per row at its own position, over per-layer KV caches of shape
-        (rows, heads, T, head_dim) -> logits (B, K). Row i of the batch is cache row rows[i]."""
-        B = token.shape[0]
-        x = self.embed(token, pos)
-        T = cache_k[0].shape[2]
-        bias = self.attention_bias(pos, T)  # (H, B, T): each row's window over its own cache
-        bias = bias.transpose(0, 1).expand(B, self.config.n_head, T).reshape(-1, 1, T)
-        for blk, k, v in zip(self.blocks, cache_k, cache_v, strict=True):
-            x = blk.cached(x, k, v, rows, pos, bias)
-        return self.head(self.ln_f(x))
-
-    def forward_gathered(self, token: torch.Tensor, store_k: torch.Tensor,
-                         store_v: torch.Tensor, read: torch.Tensor, write: torch.Tensor,
-                         bias: torch.Tensor) -> torch.Tensor:
-        """One token per row, each attending to the keys at `read` (B, S) of per-layer
-        stores (layers, slots, heads, head_dim) and to its own, which it then writes at
-        `write` (B,) -> logits (B, K). `bias` (B, S + 1, heads): the relative biases, -inf
-        where a read slot holds no key. Relative positions only (no embedding of where)."""
-        if not self.relative:
-            raise ValueError("a gathered forward needs relative positions")
-        x = self.tok_emb(token)
-        for blk, k, v in zip(self.blocks, store_k, store_v, strict=True):
-            x = blk.gathered(x, k, v, read, write, bias)
-        return self.head(self.ln_f(x))
 
     def training_inputs(self, codes: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         """codes (B, T), class ids (B,) -> model input (B, T): [class, c0, ..., c_{T-2}]."""

@@ -103,11 +103,10 @@ def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = 
     )
 
 
-def guide(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(2B, K) logits (conditional rows first) -> (B, K) guided logits; scale 1 = conditional."""
-    cond, uncond = logits.chunk(2)
-    guided = uncond + scale[:, None] * (cond - uncond)
-    return torch.where(scale[:, None] == 1, cond, guided)
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance of (B, K) logits by their unconditional partners; a row of
+    scale 1 keeps its conditional logits exactly."""
+    return torch.where(scale[:, None] == 1, cond, uncond + scale[:, None] * (cond - uncond))
 
 
 def filtering(top_k: torch.Tensor, top_p: torch.Tensor, codebook_size: int) -> bool:
@@ -138,6 +137,15 @@ def choose(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
     return torch.minimum(pick, last)
 
 
+def pick(logits: torch.Tensor, u: torch.Tensor, temperature: torch.Tensor,
+         top_k: torch.Tensor, top_p: torch.Tensor, forced: torch.Tensor,
+         filtered: bool | None = None) -> torch.Tensor:
+    """Every sampler's choice of a cell: its forced code (a prefix; FREE: none) where it has
+    one, else `choose`'s."""
+    chosen = choose(logits, u, temperature, top_k, top_p, filtered=filtered)
+    return torch.where(forced >= 0, forced, chosen)
+
+
 def _inputs(batch: SamplingBatch, guided: bool, null_id: int) -> torch.Tensor:
     if not guided:
         return batch.class_ids
@@ -145,12 +153,11 @@ def _inputs(batch: SamplingBatch, guided: bool, null_id: int) -> torch.Tensor:
 
 
 def _step_choice(logits: torch.Tensor, batch: SamplingBatch, t: int, guided: bool) -> torch.Tensor:
-    """Cell t of every image: guide, pick by its uniform, or keep its prefix."""
+    """Cell t of every image of a re-forwarding sampler (conditional rows first)."""
     if guided:
-        logits = guide(logits, batch.cfg_scale)
-    picked = choose(logits, batch.uniforms[:, t], batch.temperature, batch.top_k, batch.top_p)
-    forced = batch.prefix[:, t]
-    return torch.where(forced >= 0, forced, picked)
+        logits = guide(*logits.chunk(2), batch.cfg_scale)
+    return pick(logits, batch.uniforms[:, t], batch.temperature, batch.top_k, batch.top_p,
+                batch.prefix[:, t])
 
 
 def _dup(x: torch.Tensor, guided: bool) -> torch.Tensor:

@@ -22,8 +22,9 @@ from typing import NamedTuple
 
 import torch
 
-from .gpt import GPT
-from .sampling import FREE, SamplingBatch, choose, filtering, generate_sliding
+from .canvas import generate_canvas
+from .gpt import GPT, RowCache
+from .sampling import FREE, SamplingBatch, filtering, generate_sliding, guide, pick
 
 STEP_SIZES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -155,16 +156,14 @@ def step(gpt: GPT, st: SlotState, size: int, filtered: bool = True) -> None:
     `filtered`: some row may use top-k or top-p (without, the sort is skipped)."""
     T = gpt.config.seq_len
     rows, pos = st.row_ids[:size], st.pos[:size]
-    logits = gpt.forward_cached(st.token[:size], pos, rows, st.cache_k, st.cache_v)
+    cache = RowCache(st.cache_k, st.cache_v, rows, pos)
+    logits = gpt(st.token[:size, None], pos=pos[:, None], cache=cache)[0][:, 0]
     # guidance within the batch of rows: partner == self (or scale 1) leaves a row as is
-    uncond = logits[st.partner[:size]]
-    scale = st.cfg_scale[:size, None]
-    guided = torch.where(scale == 1, logits, uncond + scale * (logits - uncond))
+    guided = guide(logits, logits[st.partner[:size]], st.cfg_scale[:size])
     u = st.uniforms[:size].gather(1, pos[:, None])[:, 0]
     forced = st.prefix[:size].gather(1, pos[:, None])[:, 0]
-    picked = choose(guided, u, st.temperature[:size], st.top_k[:size], st.top_p[:size],
-                    filtered=filtered)
-    picked = torch.where(forced >= 0, forced, picked)
+    picked = pick(guided, u, st.temperature[:size], st.top_k[:size], st.top_p[:size], forced,
+                  filtered=filtered)
     st.out[:size].scatter_(1, pos[:, None], picked[:, None])
     st.token[:size] = picked[st.owner[:size]]
     st.pos[:size] = (pos + 1).clamp(max=T - 1)
@@ -283,11 +282,14 @@ def generate(model: GPT, batch: SamplingBatch) -> torch.Tensor:
 
 
 def sample(model: GPT, batch: SamplingBatch, grid: tuple[int, int]) -> torch.Tensor:
-    """Codes (B, rows*cols) for `grid`: the cached sampler on the training grid, the
-    sliding-window one on larger grids."""
+    """Codes (B, rows*cols) for `grid`, from the sampler that serves it: the step engine's
+    on the training grid; beyond it, the cached canvas for a relative model and the paper's
+    re-forwarding sliding window for an absolute one."""
     if batch.prefix.shape[1] != grid[0] * grid[1]:
         raise ValueError(f"batch was made for {batch.prefix.shape[1]} cells, grid {list(grid)} has "
                          f"{grid[0] * grid[1]}")
     if tuple(grid) == tuple(model.config.grid):
         return generate(model, batch)
+    if model.relative and bool((batch.cfg_scale == 1).all()):
+        return generate_canvas(model, batch, grid)
     return generate_sliding(model, batch, grid)
