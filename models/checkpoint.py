@@ -42,6 +42,7 @@ class Bundle:
     gpt: GPT | None
     digest: str
     classes: list[str] = field(default_factory=list)
+    quantization: str | None = None  # the transformer's weights, when not as trained
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from models.checkpoint import (
     resolve_device,
     sampling_defaults,
 )
+from models.quantize import QUANTIZATIONS, quantize
 from models.sampling import make_batch
 from models.vqvae import FrozenTokenizer
 
@@ -136,6 +137,7 @@ def describe(entry: ModelEntry, settings: Settings) -> dict:
         "defaults": dict(entry.defaults),
         "digest": b.digest,
         "device": entry.device,
+        "quantization": b.quantization,
         "evaluation": cfg.get("evaluation") or {},
     }
 
@@ -152,15 +154,35 @@ def max_grid_of(cfg: dict, default: int, folder: Path) -> tuple[int, int]:
     return (given[0], given[1])
 
 
+def quantizations(settings: Settings) -> dict[str, str]:
+    """TAMING_QUANTIZE as {model name or '*': kind}; raises CheckpointError."""
+    out: dict[str, str] = {}
+    for entry in settings.quantize:
+        name, sep, kind = entry.partition("=")
+        if not sep or not name.strip() or kind.strip() not in QUANTIZATIONS:
+            raise CheckpointError(f"TAMING_QUANTIZE: {entry!r} is not NAME=KIND with KIND one "
+                                  f"of {', '.join(QUANTIZATIONS)}")
+        out[name.strip()] = kind.strip()
+    return out
+
+
 def load_models(settings: Settings) -> dict[str, ModelEntry]:
     """Load and validate every folder; raises CheckpointError with a one-line reason."""
     device = device_of(settings.device)
+    quantized = quantizations(settings)
     models: dict[str, ModelEntry] = {}
     for folder in checkpoint_folders(settings):
         bundle = load_bundle(folder, device=device)
         name = bundle.name
         if name in models:
             raise CheckpointError(f"{folder}: a second model named {name!r}")
+        kind = quantized.get(name, quantized.get("*"))
+        if kind and bundle.gpt is not None:
+            if torch.device(device).type == "cpu":
+                bundle.gpt = quantize(bundle.gpt, kind)
+                bundle.quantization = kind
+            else:
+                log.info("%s: TAMING_QUANTIZE applies on CPU only; serving it as loaded", name)
         max_grid = max_grid_of(bundle.config, settings.max_grid, folder)
         if any(s > m * bundle.vqvae.config.downsample
                for s, m in zip(bundle.vqvae.config.image_size, max_grid, strict=True)):

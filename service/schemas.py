@@ -125,6 +125,8 @@ class ModelInfo(BaseModel):
     defaults: SamplingDefaults
     digest: str = Field(description="Digest of the weight files.")
     device: str
+    quantization: str | None = Field(None, description=(
+        "How the transformer's weights are held when not as trained (int8: TAMING_QUANTIZE)."))
     evaluation: dict[str, Any] = Field(description="Measured results from config.json.")
 
 

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description=(
         "CPU cores the models may use; 0: the process's CPU budget (its cgroup quota or "
         "affinity). On CPU each core gets a generation lane and a tokenizer thread of its own."))
+    quantize: CommaList = Field(default_factory=list, description=(
+        "Transformers served with int8 weights on CPU, as NAME=int8 entries (`*=int8`: "
+        "every model); on CUDA they run as loaded. Cuts a large model's step by reading a "
+        "quarter of the bytes (BENCHMARKS.md, \"int8\")."))
     compile: bool = Field(True, description=(
         "torch.compile the generation step at each padded size during start-up (CUDA graphs "
         "on GPU), before /readyz turns 200. Off: the eager step, a faster start."))
@@ -121,7 +125,7 @@ class Settings(BaseSettings):
     def cpu_budget(self) -> int:
         return self.torch_threads or cpu_budget()
 
-    @field_validator("models", "api_keys", "cors_origins", mode="before")
+    @field_validator("models", "api_keys", "cors_origins", "quantize", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
