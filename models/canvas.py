@@ -164,15 +164,17 @@ class CanvasSampler:
         seen = (kr >= 0) & (kc >= 0) & (kc < W) & ((self._dr[None] > 0) | (kc < c[:, None] - 1))
         read = torch.where(seen, (kr % self.ring) * W + kc, torch.zeros_like(kr))
         first = (r == 0) & (c == 0)  # the class token's own query: nothing before it
-        read = torch.cat([read, torch.full_like(r, self.class_slot)[:, None]], dim=1)
-        seen = torch.cat([seen, ~first[:, None]], dim=1)
-        own = torch.where(c > 0, self._own, torch.where(first, wr * wc, wr * wc + 1))
-        index = torch.cat([self._slots.expand(len(r), -1), own[:, None]], dim=1)
-        bias = self.gpt.rel_bias[:, index].permute(1, 2, 0)  # (cells, slots, heads)
-        visible = torch.cat([seen, torch.ones_like(first)[:, None]], dim=1)
-        bias = bias.masked_fill(~visible[:, :, None], float("-inf"))
         write = torch.where(c > 0, (r % self.ring) * W + c - 1,
                             torch.where(first, self.class_slot, self.trash_slot))
+        # the class key, then the query's own (written before the reads: no query of a step
+        # reads a slot another one writes, and at most one first-column query runs a step)
+        read = torch.cat([read, torch.full_like(r, self.class_slot)[:, None], write[:, None]],
+                         dim=1)
+        seen = torch.cat([seen, ~first[:, None], torch.ones_like(first)[:, None]], dim=1)
+        own = torch.where(c > 0, self._own, torch.where(first, wr * wc, wr * wc + 1))
+        index = torch.cat([self._slots.expand(len(r), -1), own[:, None]], dim=1)
+        bias = self.gpt.rel_bias[:, index].transpose(0, 1)  # (cells, heads, slots)
+        bias = bias.masked_fill(~seen[:, None], float("-inf"))[:, :, None].contiguous()
         return read, write, bias
 
     def run(self, limit: int | None = None) -> torch.Tensor:

@@ -142,9 +142,10 @@ class RowCache:
 
 class CanvasCache:
     """A canvas's key store (models/canvas.py): per layer, keys and values by slot,
-    (layers, slots, heads, head_dim). Each query reads the slots `read` (B, S) says, sees
-    its own key last, then leaves its key and value at slot `write` (B,). `bias`
-    (B, S + 1, heads): the relative biases, -inf where a read slot holds no key."""
+    (layers, slots, heads, head_dim). Each query leaves its key and value at slot `write`
+    (B,), then attends to the slots `read` (B, S) names, its own among them: one gather of
+    whole slots, no per-query copies. `bias` (B, heads, 1, S): the relative biases, -inf
+    where a read slot holds no key."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, read: torch.Tensor,
                  write: torch.Tensor, bias: torch.Tensor) -> None:
@@ -152,18 +153,17 @@ class CanvasCache:
         self._bias = bias
 
     def bias(self, gpt: GPT) -> torch.Tensor:
-        return self._bias.permute(0, 2, 1)[:, :, None]  # (B, H, 1, S + 1)
+        return self._bias
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, H, 1, head_dim) -> the keys each query sees (B, H, S + 1, head_dim)."""
+        """k, v (B, H, 1, head_dim) -> the keys each query sees (B, H, S, head_dim)."""
         B, S = self.read.shape
         at = self.read.flatten()  # index_select: a gather of whole slots, no advanced indexing
         seen = []
         for store, new in ((self.keys[layer], k), (self.values[layer], v)):
-            old = store.index_select(0, at).view(B, S, *store.shape[1:]).transpose(1, 2)
-            seen.append(torch.cat([old, new], dim=2))
             store.index_copy_(0, self.write, new[:, :, 0])
+            seen.append(store.index_select(0, at).view(B, S, *store.shape[1:]).transpose(1, 2))
         return seen[0], seen[1]
 
 
