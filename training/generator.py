@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from models.checkpoint import load_bundle, read_config, save_gpt
 from models.gpt import GPT, GPTConfig
 from models.images import tile_image
+from models.quantize import QUANTIZATIONS, quantize
 from models.sampling import SAMPLING_DEFAULTS, SamplingBatch, make_batch
 from models.slots import sample
 
@@ -59,6 +60,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write", action="store_true", help="print only; leave config.json alone")
     p.add_argument("--key", default="generator", help="name of the result inside evaluation")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="sample with the transformer's weights quantized (CPU), as TAMING_QUANTIZE serves it")
     add_reference_args(p)
 
 
@@ -238,12 +241,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     n_classes = bundle.gpt.config.n_classes
     labels = [i % n_classes for i in range(args.samples)]
     t0 = time.time()
-    images, codes = sample_images(bundle, bundle.gpt, labels, args.seed, args.batch_size, **settings)
+    gpt = quantize(bundle.gpt, args.quantize) if args.quantize else bundle.gpt
+    images, codes = sample_images(bundle, gpt, labels, args.seed, args.batch_size, **settings)
     sample_seconds = time.time() - t0
     ref = Reference(clf, data, args.train_images, args.seed)
     fid_samples = ref.fid(images)
     result = {
         "settings": dict(settings),
+        **({"quantization": args.quantize} if args.quantize else {}),
         "samples": len(images),
         "class_accuracy": round(ref.accuracy(images, torch.tensor(labels)), 4),
         "domain_fid_samples": round(fid_samples, 3),

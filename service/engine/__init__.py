@@ -9,7 +9,8 @@ TAMING_MAX_QUEUE, refuses while draining and arms each job's deadline. Generatio
 image holds one row, two when guided; a **slot**, as in TAMING_GENERATE_SLOTS and
 `taming_slots_active`, is room for one guided image). A **canvas** is an image on a grid
 beyond the model's (relative-position models): a lane holds at most one beside its rows and
-steps a **wavefront** of its cells with them. A lane's **scheduler** seats images
+steps a **wavefront** of its cells with them. On the device, a lane's rows are a `RowCache` and a canvas's keys a `CanvasCache`
+(models/gpt.py): the KV caches of the model's one forward. A lane's **scheduler** seats images
 in rows, compacts them and frees them (bookkeeping only); its **runner** owns the device
 side, and one **step** gives every occupied row its next token. Everything else runs as
 **batches** that the **collector** forms from its queues and its runners run to completion;
