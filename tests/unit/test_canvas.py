@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sampling import gen, tiny
+from model_helpers import gen, tiny
 
 from models.canvas import CanvasSampler, canvas_reference, generate_canvas, lag, ring_rows
 from models.sampling import SamplingBatch, make_batch

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from test_sampling import mixed_batch, tiny
+from model_helpers import mixed_batch, tiny
 
 from models.sampling import SamplingBatch, make_batch, reference_generate
 from models.slots import SlotSampler, compiled_steps, padded_sizes, step_variants
