@@ -39,7 +39,7 @@ from models.sampling import SamplingBatch
 from ..errors import ServiceError
 from ..metrics import Metrics
 from .admission import Admission
-from .runner import CanvasRunner, StepRunner
+from .runner import CanvasRunner, Patches, StepRunner
 from .scheduler import Image, Scheduler
 
 log = logging.getLogger("taming.generation")
@@ -117,7 +117,7 @@ class Lane:
         with torch.inference_mode():
             eager = self.runner.prepare(e.compile, e.compile_deadline)
             if self.index == 0:
-                e.canvas_runner.prepare(e.decode)
+                e.patches.build(e.gpt, e.decode)
         if eager:
             log.warning("%s lane %d: compile budget spent; %d step graphs run eager",
                         e.name, self.index, eager)
@@ -170,7 +170,7 @@ class Lane:
         codes = r.codes(rows + finished) if rows or finished else {}
         dt = time.perf_counter() - t0
         # decoded while they still hold their rows: a fault fails them with the rest
-        pictures = r.pictures(rows, finished, codes, e.decode) if codes else {}
+        pictures = r.pictures(rows, finished, codes, e.decode, e.patches) if codes else {}
         e.metrics.step_duration.labels(e.name, str(size)).observe(dt)
         e.metrics.batch_size.labels("generate", e.name).observe(len(s.active))
         if finished:  # their rows are free before anyone hears they are done
@@ -196,7 +196,7 @@ class Lane:
         for row in completed:
             if job.on_row is not None:
                 cells = s.codes[row * W:(row + 1) * W].cpu().numpy()
-                strips.append((row, cells, e.canvas_runner.preview(cells)))
+                strips.append((row, cells, e.patches.strip(cells)))
             elif row == 0:
                 strips.append((row, None, None))  # its time to first row
         codes = picture = None
@@ -250,7 +250,9 @@ class GenerationEngine:
         self.on_thread = on_thread
         rows = 2 * slots  # a guided image holds two rows
         per_lane = max(2, -(-rows // lanes))
-        self.canvas_runner = CanvasRunner(name, gpt, metrics)
+        self.gpt = gpt
+        self.patches = Patches()  # previews of streamed rows
+        self.canvas_runner = CanvasRunner(name, gpt, metrics, self.patches)
         self.lanes = [Lane(self, i, StepRunner(name, gpt, per_lane, metrics))
                       for i in range(lanes)]
         self._lock = threading.Condition()

@@ -146,25 +146,20 @@ class StepRunner:
         return {r: host[i] for i, r in enumerate(wanted)}
 
     def pictures(self, rows: list[Image], finished: list[Image], codes: dict[int, np.ndarray],
-                 decode: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, Any]:
-        """Finished images and the previews of streamed rows, by id of the image, decoded in
-        one batch (a preview shows the rows so far, black below). An image that could not be
-        decoded has its ServiceError in its place."""
-        streamed = [im for im in rows if im.job.on_row is not None]
-        at = {id(im): k for k, im in enumerate(finished)}  # a last row's preview: the image
-        grids = [codes[im.cond] for im in finished]
-        for im in streamed:
-            if id(im) not in at:  # the cells picked so far; code 0 below (blacked out after)
-                at[id(im)] = len(grids)
-                grids.append(np.where(np.arange(self.seq_len) < im.pos, codes[im.cond], 0))
-        if not grids:
-            return {}
-        images = self.decode(np.stack(grids), decode)
-        for im in streamed:
-            pic = images[at[id(im)]]
-            if not isinstance(pic, ServiceError):
-                pic[im.pos // self.cols * pic.shape[0] // self.rows:] = 0
-        return {key: images[k] for key, k in at.items()}
+                 decode: Callable[[torch.Tensor], torch.Tensor], patches: Patches
+                 ) -> dict[int, Any]:
+        """Finished images, decoded in one batch, and the previews of streamed rows, by id of
+        the image. A preview shows each code's patch for the rows so far, black below (a
+        lookup, not a decode); the row that finishes an image shows the decoded image. An
+        image that could not be decoded has its ServiceError in its place."""
+        out: dict[int, Any] = {}
+        if finished:
+            images = self.decode(np.stack([codes[im.cond] for im in finished]), decode)
+            out = {id(im): image for im, image in zip(finished, images, strict=True)}
+        for im in rows:
+            if im.job.on_row is not None and id(im) not in out:
+                out[id(im)] = patches.grid(codes[im.cond], im.pos, (self.rows, self.cols))
+        return out
 
     def decode(self, grids: np.ndarray, decode: Callable[[torch.Tensor], torch.Tensor]
                ) -> list[np.ndarray | ServiceError]:
@@ -191,43 +186,59 @@ class StepRunner:
         return out
 
 
+# ---- previews -------------------------------------------------------------------------------
+class Patches:
+    """Each code's decoded patch, built once at start-up, so that the preview of a streamed
+    row costs a lookup: the answer itself is decoded whole."""
+
+    def __init__(self) -> None:
+        self.table: np.ndarray | None = None  # (K, f, f, C) uint8
+
+    def build(self, gpt: GPT, decode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """One decode of every code amid copies of itself; its centre is the code's patch."""
+        K = gpt.config.codebook_size
+        device = next(gpt.parameters()).device
+        tiles = decode(torch.arange(K, device=device)[:, None, None].expand(K, 3, 3)
+                       .contiguous()).cpu().numpy()
+        f = tiles.shape[1] // 3
+        self.table = np.ascontiguousarray(tiles[:, f:2 * f, f:2 * f])
+
+    def strip(self, codes: np.ndarray) -> np.ndarray:
+        """The pixels of one token row of codes: each code's patch, side by side."""
+        patches = self.table[codes]  # (W, f, f, C)
+        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3).reshape(
+            patches.shape[1], -1, patches.shape[3]))
+
+    def grid(self, codes: np.ndarray, cells: int, grid: tuple[int, int]) -> np.ndarray:
+        """An image of `grid` whose first `cells` (whole token rows) show their codes'
+        patches, black below."""
+        rows, cols = grid
+        f, C = self.table.shape[1], self.table.shape[3]
+        image = np.zeros((rows * f, cols * f, C), dtype=self.table.dtype)
+        done = cells // cols
+        patches = self.table[codes[:done * cols]].reshape(done, cols, f, f, C)
+        image[:done * f] = patches.transpose(0, 2, 1, 3, 4).reshape(done * f, cols * f, C)
+        return image
+
+
 # ---- a lane's canvas ------------------------------------------------------------------------
 class CanvasRunner:
     """The device side of canvases (grids beyond the model's, for a relative model), shared
-    by an engine's lanes: a canvas's sampler, the previews of its rows, its decoded image."""
+    by an engine's lanes: a canvas's sampler, the strips of its rows, its decoded image."""
 
     # one whole-canvas decode at a time in the process: its peak memory (the decoder's
     # full-resolution activations) is what a replica must hold once, not once per lane
     decoding = threading.Lock()
 
-    def __init__(self, name: str, gpt: GPT, metrics: Metrics) -> None:
+    def __init__(self, name: str, gpt: GPT, metrics: Metrics, patches: Patches) -> None:
         self.name = name
         self.gpt = gpt
         self.metrics = metrics
-        self.atlas: np.ndarray | None = None  # (K, f, f, C): each code's patch, for previews
+        self.patches = patches
 
     def start(self, image: Image) -> CanvasSampler:
         """The canvas of one image of a job, with its seeded row (built here, off the loop)."""
         return CanvasSampler(self.gpt, image.job.image(image.index), image.job.grid)
-
-    def prepare(self, decode: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Each code's patch for previews: one decode of every code amid copies of itself,
-        at start-up, so that a streamed strip costs a lookup."""
-        if not self.gpt.relative:
-            return
-        K = self.gpt.config.codebook_size
-        device = next(self.gpt.parameters()).device
-        tiles = decode(torch.arange(K, device=device)[:, None, None].expand(K, 3, 3)
-                       .contiguous()).cpu().numpy()
-        f = tiles.shape[1] // 3
-        self.atlas = np.ascontiguousarray(tiles[:, f:2 * f, f:2 * f])
-
-    def preview(self, codes: np.ndarray) -> np.ndarray:
-        """A strip of pixels for one canvas row of codes: each code's patch, side by side
-        (the answer itself decodes the whole canvas)."""
-        patches = self.atlas[codes]  # (W, f, f, C)
-        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3).reshape(
-            patches.shape[1], -1, patches.shape[3]))
 
     def picture(self, sampler: CanvasSampler, decode: Callable[[torch.Tensor], torch.Tensor]
                 ) -> np.ndarray | ServiceError:

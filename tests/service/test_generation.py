@@ -109,12 +109,14 @@ def test_streamed_rows_arrive_in_order_and_done_is_the_plain_answer(server):
         assert np.array_equal(preview, final)  # the last preview is the finished image
         first = png_array(base64.b64decode(mine[0]["png"]))
         assert not first[4:].any()  # below the first token row: not sampled yet, black
-        # the lane's decodes are the tokenizer's: the image, and the first row over code 0
-        for grid, image in ((tokens, final), ([tokens[0]] + [[0] * 7] * 6, first)):
-            dec = httpx.post(f"{server}/decode", json={"model": "mnist", "tokens": grid},
-                             timeout=60)
-            assert np.array_equal(png_array(dec.content)[:len(image) if image is final else 4],
-                                  image[:len(image) if image is final else 4])
+        # the image is the tokenizer's decode; a preview shows each code's patch: the centre
+        # of a decode of the code amid copies of itself
+        dec = httpx.post(f"{server}/decode", json={"model": "mnist", "tokens": tokens}, timeout=60)
+        assert np.array_equal(png_array(dec.content), final)
+        alone = httpx.post(f"{server}/decode", headers=JSON, timeout=60, json={
+            "model": "mnist", "tokens": [[[code] * 3] * 3 for code in tokens[0]]})
+        patches = [png_array(base64.b64decode(im["png"]))[4:8, 4:8] for im in alone.json()["images"]]
+        assert np.array_equal(first[:4], np.concatenate(patches, axis=1))
     assert events[-1][1].encode() == plain.content
     done_png = base64.b64decode(json.loads(events[-1][1])["images"][0]["png"])
     assert np.array_equal(png_array(done_png), png_array(png.content))
