@@ -68,7 +68,7 @@ class CanvasSampler:
         wr, wc = cfg.window
         self.window, self.lag = (wr, wc), lag(cfg.window)
         self.ring = ring_rows(grid, cfg.window)
-        self.class_slot, self.trash_slot = self.ring * W, self.ring * W + 1
+        self.class_entry, self.trash_entry = self.ring * W, self.ring * W + 1
         shape = (cfg.n_layer, self.ring * W + 2, cfg.n_head, cfg.d_model // cfg.n_head)
         self.store_k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.store_v = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -80,8 +80,8 @@ class CanvasSampler:
         self.next_col = [0] * H  # per row: the next query's column; W + 1 when done
         self.first = 0  # rows above it are done
         # the window's offsets, in the order of the model's relative biases
-        self._slots = torch.arange(wr * wc + 1, device=p.device)  # then the class key's bias
-        j = self._slots[:-1]
+        self._offsets = torch.arange(wr * wc + 1, device=p.device)  # then the class key's bias
+        j = self._offsets[:-1]
         self._dr, self._dc = j // wc, wc // 2 - j % wc  # key cell = (r - dr, c + dc)
         # the bias of a query's own key, at offset (0, 1): in the window unless it is narrow
         self._own = 1 + wc // 2 if 1 + wc // 2 < wc else wr * wc + 1
@@ -155,7 +155,7 @@ class CanvasSampler:
 
     def _layout(self, r: torch.Tensor, c: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(read, write, bias) of the queries at cells (r, c): the window's slots and the
+        """(read, write, bias) of the queries at cells (r, c): the window's store entries and the
         class key, where each query's own key goes, and the additive biases."""
         W = self.grid[1]
         wr, wc = self.window
@@ -165,15 +165,15 @@ class CanvasSampler:
         read = torch.where(seen, (kr % self.ring) * W + kc, torch.zeros_like(kr))
         first = (r == 0) & (c == 0)  # the class token's own query: nothing before it
         write = torch.where(c > 0, (r % self.ring) * W + c - 1,
-                            torch.where(first, self.class_slot, self.trash_slot))
+                            torch.where(first, self.class_entry, self.trash_entry))
         # the class key, then the query's own (written before the reads: no query of a step
-        # reads a slot another one writes, and at most one first-column query runs a step)
-        read = torch.cat([read, torch.full_like(r, self.class_slot)[:, None], write[:, None]],
+        # reads an entry another one writes, and at most one first-column query runs a step)
+        read = torch.cat([read, torch.full_like(r, self.class_entry)[:, None], write[:, None]],
                          dim=1)
         seen = torch.cat([seen, ~first[:, None], torch.ones_like(first)[:, None]], dim=1)
         own = torch.where(c > 0, self._own, torch.where(first, wr * wc, wr * wc + 1))
-        index = torch.cat([self._slots.expand(len(r), -1), own[:, None]], dim=1)
-        bias = self.gpt.rel_bias[:, index].transpose(0, 1)  # (cells, heads, slots)
+        index = torch.cat([self._offsets.expand(len(r), -1), own[:, None]], dim=1)
+        bias = self.gpt.rel_bias[:, index].transpose(0, 1)  # (cells, heads, entries)
         bias = bias.masked_fill(~seen[:, None], float("-inf"))[:, :, None].contiguous()
         return read, write, bias
 

@@ -26,7 +26,7 @@ without a cache it runs whole sequences (training, the reference samplers); with
 attention's keys and values are those the cache's `update` returns. A `RowCache` is the step
 engine's (models/slots.py): one query per row against that row's own line of keys. A
 `CanvasCache` is a canvas's (models/canvas.py): one query per cell against keys gathered by
-slot from a shared store, valid for a relative model only.
+entry from a shared store, valid for a relative model only.
 """
 
 from __future__ import annotations
@@ -141,11 +141,11 @@ class RowCache:
 
 
 class CanvasCache:
-    """A canvas's key store (models/canvas.py): per layer, keys and values by slot,
-    (layers, slots, heads, head_dim). Each query leaves its key and value at slot `write`
-    (B,), then attends to the slots `read` (B, S) names, its own among them: one gather of
-    whole slots, no per-query copies. `bias` (B, heads, 1, S): the relative biases, -inf
-    where a read slot holds no key."""
+    """A canvas's key store (models/canvas.py): per layer, keys and values by entry,
+    (layers, entries, heads, head_dim). Each query leaves its key and value at entry `write`
+    (B,), then attends to the entries `read` (B, S) names, its own among them: one gather of
+    whole entries, no per-query copies. `bias` (B, heads, 1, S): the relative biases, -inf
+    where a read entry holds no key."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, read: torch.Tensor,
                  write: torch.Tensor, bias: torch.Tensor) -> None:
@@ -159,7 +159,7 @@ class CanvasCache:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, H, 1, head_dim) -> the keys each query sees (B, H, S, head_dim)."""
         B, S = self.read.shape
-        at = self.read.flatten()  # index_select: a gather of whole slots, no advanced indexing
+        at = self.read.flatten()  # index_select: a gather of whole entries, no advanced indexing
         seen = []
         for store, new in ((self.keys[layer], k), (self.values[layer], v)):
             store.index_copy_(0, self.write, new[:, :, 0])
