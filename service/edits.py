@@ -107,8 +107,7 @@ def marked_pixels(im: Image.Image) -> np.ndarray:
     im = ImageOps.exif_transpose(im) or im
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    alpha = im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info
-    if alpha:
+    if has_alpha(im):
         return np.asarray(im.convert("RGBA"))[..., 3] < MARK
     return np.asarray(convert(im, 1)) < MARK
 
@@ -231,11 +230,23 @@ async def encode_pixels(request: Request, svc, entry: ModelEntry, pixels: np.nda
     return out["tokens"][0].astype(np.int64)
 
 
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info
+
+
+def alpha_checked(blob: bytes, max_pixels: int, field: str) -> bool:
+    """Whether an upload has an alpha channel (its upload policy checked)."""
+    try:
+        return has_alpha(open_checked(blob, max_pixels))
+    except ServiceError as e:
+        e.message = f"{field}: {e.message}"
+        raise
+
+
 def _own_alpha(blob: bytes, max_pixels: int) -> np.ndarray:
     """An image's transparent pixels (none when it has no alpha channel)."""
     im = ImageOps.exif_transpose(open_checked(blob, max_pixels))
-    alpha = im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info
-    return marked_pixels(im) if alpha else np.zeros((im.size[1], im.size[0]), dtype=bool)
+    return marked_pixels(im) if has_alpha(im) else np.zeros((im.size[1], im.size[0]), dtype=bool)
 
 
 def token_mask(entry: ModelEntry, tokens: np.ndarray, mask: bytes | list[list[bool]] | None,
