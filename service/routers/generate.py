@@ -20,6 +20,7 @@ from .. import edits
 from ..deps import json_body, service_of
 from ..engine.runner import GeneratePayload
 from ..errors import ServiceError, describe_validation, invalid
+from ..imaging import header_pixels
 from ..openapi import body_schema
 from ..registry import ModelEntry
 from ..responses import b64png, dumps, generate_json, images_response, sse_event, wants_stream
@@ -166,8 +167,10 @@ async def admit_edit(svc, request: Request, req: GenerateRequest, files: dict[st
     limit = svc.settings.max_image_pixels
     if req.tokens is not None:
         tokens = edits.token_grid(req.tokens, entry)
-        cells = edits.token_mask(entry, tokens, mask, limit)
         grid, offset = edits.place(entry, tokens.shape, req.grid, req.offset)
+        _payload(svc, entry, req.model_copy(update={"grid": list(grid)}))  # canvas limits
+        cells = await svc.offload(edits.token_mask, entry, tokens, mask, limit, pixels=(
+            header_pixels([mask]) if isinstance(mask, bytes) else 0))
     else:
         blob = files.get("image") or edits.b64_bytes(req.image, "image")
         pixels, own = await edits.decode_image(svc, entry, blob)

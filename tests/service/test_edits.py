@@ -283,6 +283,8 @@ def test_bad_sources_masks_and_offsets_are_refused_and_change_nothing(server):
         "an offset without a source": {"offset": [0, 0], "grid": [9, 9]},
         "an image that is no image": {"image": b64(b"GIF89a")},
         "a canvas past max_grid": {"tokens": tokens, "grid": [7, 40]},
+        "a huge canvas": {"tokens": tokens, "grid": [7, 2**40]},
+        "a huge offset": {"tokens": tokens, "grid": [9, 9], "offset": [2**70, 0]},
     }
     before = metrics(server)
     for why, body in bad.items():
