@@ -302,3 +302,17 @@ def test_bad_sources_masks_and_offsets_are_refused_and_change_nothing(server):
                    files={"image": base64.b64decode(png)}, headers=JSON, timeout=60)
     assert_error(r, 422)
     assert metrics(server) == before  # nothing was sampled
+
+
+def test_an_image_of_another_size_is_fitted_with_its_mask(server):
+    """A 30x30 upload to mnist is fitted to 28x28 as /encode fits it; its mask goes through
+    the same geometry, a cell sampled when any pixel under it is marked."""
+    digit = pixels(generated(server, "mnist", 14))
+    png = png_of(np.asarray(Image.fromarray(digit).resize((30, 30), Image.Resampling.BILINEAR)))
+    mask = np.full((30, 30, 4), 255, dtype=np.uint8)
+    mask[:14, :, 3] = 0  # pixel rows 0..13 of 30: cells 0..3 of 7 (cell 3 spans 12.9..17.1)
+    out = np.array(edit(server, "mnist", 3, image=b64(png), mask=b64(png_of(mask)))["tokens"])
+    src = encoded(server, "mnist", png)
+    assert out.shape == (7, 7)
+    assert (out[4:] == src[4:]).all()
+    assert (out[:4] != src[:4]).any()
