@@ -132,7 +132,6 @@ def admit(svc, request: Request, req: GenerateRequest, cells: np.ndarray | None 
 
 
 # ---- edits: a source image or grid, a mask, a larger canvas -----------------------------------
-EDIT_FIELDS = ("tokens", "image", "mask", "offset")
 FORM_FILES = ("image", "mask")
 
 
