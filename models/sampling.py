@@ -10,6 +10,7 @@ sampler (one image, full re-forward, no cache) fed the same uniforms picks the s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,10 @@ class SamplingBatch:
 
 def check_settings(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = None,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-                   cfg_scale: float = 1.0, prefix: list[int] | None = None) -> None:
-    """Raise ValueError for settings `make_batch` cannot take (no tensor is built)."""
+                   cfg_scale: float = 1.0, prefix: list[int] | None = None,
+                   cells: Sequence[int] | None = None) -> None:
+    """Raise ValueError for settings `make_batch` cannot take (no tensor is built but the
+    check of `cells`)."""
     K = model_cfg.codebook_size
     rows, cols = grid
     if n < 1:
@@ -78,20 +81,44 @@ def check_settings(model_cfg, n: int, grid: tuple[int, int], *, label: int | Non
             raise ValueError(f"prefix has {len(prefix)} tokens, longer than the grid's {rows * cols}")
         if not all(0 <= t < K for t in prefix):  # in Python first: huge ints overflow int64
             raise ValueError(f"prefix token ids must lie in [0, {K})")
+    if cells is not None:
+        if prefix:
+            raise ValueError("give either a prefix or every cell, not both")
+        kept = _cells(cells)
+        if kept.shape != (rows * cols,):
+            raise ValueError(f"cells has {kept.numel()} entries; the grid has {rows * cols}")
+        if bool(((kept != FREE) & ((kept < 0) | (kept >= K))).any()):
+            raise ValueError(f"kept token ids must lie in [0, {K}) (or be {FREE}: sampled)")
+
+
+def _cells(cells: Sequence[int]) -> torch.Tensor:
+    """A raster-order sequence of codes and FREE -> int64 (T,); ValueError for what is not."""
+    try:
+        return torch.as_tensor(cells, dtype=torch.int64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"cells must be integer token ids or {FREE}: {e}") from None
 
 
 def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = None,
                temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                cfg_scale: float = 1.0, prefix: list[int] | None = None,
+               cells: Sequence[int] | None = None,
                generator: torch.Generator | None = None) -> SamplingBatch:
-    """Validate one request's settings and turn them into n rows. Raises ValueError."""
+    """Validate one request's settings and turn them into n rows. Raises ValueError.
+
+    `prefix` keeps the first cells in raster order; `cells` gives every cell of the grid in
+    raster order, a code to keep or FREE to sample (an inpainting mask, an outpainting
+    border). The uniforms do not depend on what is kept, so `cells` all FREE samples what a
+    plain request of the same seed does."""
     check_settings(model_cfg, n, grid, label=label, temperature=temperature, top_k=top_k,
-                   top_p=top_p, cfg_scale=cfg_scale, prefix=prefix)
+                   top_p=top_p, cfg_scale=cfg_scale, prefix=prefix, cells=cells)
     K = model_cfg.codebook_size
     T = grid[0] * grid[1]
     pre = torch.full((T,), FREE, dtype=torch.int64)
     if prefix:
         pre[: len(prefix)] = torch.tensor(prefix, dtype=torch.int64)
+    elif cells is not None:
+        pre = _cells(cells)
     return SamplingBatch(
         class_ids=torch.full((n,), model_cfg.class_token(label), dtype=torch.int64),
         uniforms=torch.rand(n, T, generator=generator),

@@ -6,7 +6,7 @@ be finite (no NaN or Infinity), and unknown fields are refused, each with a 422.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,7 @@ MAX_N = 64
 MAX_SEED = 2**62
 MAX_NAME = 128
 MAX_PREFIX = 64 * 64  # a bound for parsing; the real limit is the grid's cell count
+MAX_SOURCE_ROWS = 256  # a bound for parsing; the real limit is the model's max_grid
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -60,6 +61,21 @@ class GenerateRequest(BaseModel):
     prefix: list[int] | list[list[int]] | None = Field(None, max_length=MAX_PREFIX, description=(
         "Token ids to keep, in raster order: a flat list, or rows of the grid (the last row "
         "may be partial). The sampler completes the rest."))
+    # editing a source (service/edits.py): inpainting with `mask`, outpainting with `grid`
+    tokens: list[list[int]] | None = Field(None, max_length=MAX_SOURCE_ROWS, description=(
+        "A source token grid to edit (rows of ids in [0, K), rectangular, up to max_grid)."))
+    image: str | None = Field(None, description=(
+        "A source image to edit: base64 PNG, JPEG or WebP (or a data: URL), encoded with "
+        "the model's tokenizer first (at its own size when it is whole tokens, else fitted "
+        "to the model's image size as /encode does). Multipart bodies send it as a file."))
+    mask: str | Annotated[list[list[bool]], Field(max_length=MAX_SOURCE_ROWS)] | None = Field(
+        None, description=(
+        "The region of the source to sample: a base64 PNG at the image's size whose "
+        "transparent pixels (with an alpha channel) or else black ones mark it, or a boolean "
+        "grid of the source's cells (true: sample). Omitted: keep every source cell."))
+    offset: list[int] | None = Field(None, min_length=2, max_length=2, description=(
+        "[row, col] of the source's top-left cell in the canvas `grid`, in cells (default: "
+        "centred); every canvas cell outside the source is sampled (outpainting)."))
 
 
 class GeneratedImage(BaseModel):

@@ -21,8 +21,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from .. import edits
 from ..deps import service_of
 from ..errors import CODES, ServiceError
+from ..imaging import header_pixels
 from ..registry import ModelEntry
 from ..responses import b64png, dumps
 from ..schemas import MAX_NAME, GenerateRequest
@@ -151,6 +153,97 @@ async def create_variation(request: Request) -> Response:
     return await _images(request, svc, req.model_copy(update={"prefix": prefix or None}), size)
 
 
+# ---- edits: inpainting and outpainting (service/edits.py) -------------------------------------
+EDIT_FIELDS = GENERATION_FIELDS | {"image", "mask"}
+_EDIT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary", "description": (
+            "PNG, JPEG or WebP. Without a mask, its transparent pixels are edited.")},
+        "mask": {"type": "string", "format": "binary", "description": (
+            "PNG with an alpha channel at the image's size: transparent pixels are edited.")},
+        "prompt": {"type": "string", "description": "A class, as for generations; \"\": "
+                   "unconditional."},
+        "model": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 64},
+        "size": {"type": "string", "description": (
+            "\"WxH\": the image's size (default), or larger in whole tokens to extend it, "
+            "the image centred.")},
+        "response_format": {"type": "string"}, "seed": {"type": "integer"},
+        "temperature": {"type": "number"}, "top_k": {"type": "integer"},
+        "top_p": {"type": "number"}, "cfg_scale": {"type": "number"}}}}}}}
+
+
+@router.post("/images/edits", summary="OpenAI: edit or extend an uploaded image",
+             openapi_extra=_EDIT_FORM, response_model=ImagesResponse, responses=ERRORS)
+async def create_edit(request: Request) -> Response:
+    """OpenAI's image edit: the masked cells of the image's tokens are sampled, the rest
+    kept; a larger `size` extends the image (centred) into a canvas. The native request is
+    /generate with `image`, `mask` and `grid` (the same pixels for the same seed)."""
+    svc = service_of(request)
+    fields, blob = await _form_fields(request, EDIT_FIELDS, ("image", "image[]"))
+    mask = fields.pop("mask", None)
+    size = fields.pop("size", None)
+    if mask is not None and not isinstance(mask, bytes):
+        raise ProtocolError(400, "invalid_request", "mask must be an image file", "mask")
+    req, entry, _ = _generate_request(svc, request, {**fields, "prompt": fields.get("prompt", "")})
+    admit(svc, request, req)  # the model generates, its settings hold, its queue has room
+    limit = svc.settings.max_image_pixels
+    with _param_of_errors():
+        if mask is not None and not await svc.offload(edits.alpha_checked, mask, limit, "mask",
+                                                      pixels=header_pixels([mask])):
+            raise ProtocolError(400, "invalid_request", "mask: the mask needs an alpha channel "
+                                "(its transparent pixels are edited)", "mask")
+        pixels, own = await edits.decode_image(svc, entry, blob)
+        shape = edits.cells_of(entry, pixels)
+        grid, offset = edits.place(entry, shape, _edit_grid(entry, size, own, pixels), None)
+        cells = await edits.image_mask(svc, entry, mask, own, pixels,
+                                       alpha_of=blob if mask is None else None)
+    if not cells.any() and tuple(grid) == shape:
+        raise ProtocolError(400, "invalid_request", "nothing to edit: send a mask with "
+                            "transparent pixels, an image with transparent pixels, or a larger "
+                            "size to extend it", "mask")
+    req = req.model_copy(update={"grid": list(grid)})
+    admit(svc, request, req)  # the canvas's limits, before the image is encoded
+    tokens = await edits.encode_pixels(request, svc, entry, pixels)
+    cells = edits.Source(tokens, cells, grid, offset).cells()
+    f = entry.image_size[0] // entry.grid[0]
+    return await _images(request, svc, req, f"{grid[1] * f}x{grid[0] * f}", cells)
+
+
+class _param_of_errors:
+    """The upload's own errors name their field (OpenAI's `param`): mask or image."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if isinstance(error, ServiceError) and not isinstance(error, ProtocolError):
+            param = "mask" if error.message.startswith("mask") else "image"
+            raise ProtocolError(error.status, error.code, error.message, param) from error
+        return False
+
+
+def _edit_grid(entry: ModelEntry, size, own: tuple[int, int], pixels: np.ndarray
+               ) -> list[int] | None:
+    """An edit's "WxH" -> its canvas grid: None for the image's own size (or "auto"), else
+    whole tokens at least the encoded image's and at most max_grid."""
+    if size in (None, "", "auto"):
+        return None
+    f = entry.image_size[0] // entry.grid[0]
+    H, W = pixels.shape[1:3]
+    try:
+        width, height = (int(v) for v in str(size).lower().split("x"))
+    except ValueError:
+        width = height = -1
+    if (height, width) in ((H, W), tuple(own)):
+        return None
+    mr, mc = entry.max_grid
+    if width < W or height < H or width % f or height % f or width > mc * f or height > mr * f:
+        raise ProtocolError(400, "invalid_request", (
+            f"size {size!r} is not available: the image is edited at {W}x{H}, or extended to "
+            f"a larger canvas in steps of {f} pixels up to {mc * f}x{mr * f}"), "size")
+    return [height // f, width // f]
+
+
 @router.get("/models", summary="OpenAI: the loaded models", response_model=OpenAIModelList,
             responses=error_responses(OpenAIError, 401))
 async def openai_models(request: Request) -> Response:
@@ -195,13 +288,16 @@ async def _json_fields(request: Request) -> dict:
     return fields
 
 
-async def _form_fields(request: Request) -> tuple[dict, bytes]:
-    """The multipart form the openai client sends: the image file and text fields."""
+async def _form_fields(request: Request, known: frozenset = VARIATION_FIELDS,
+                      image: tuple[str, ...] = ("image",)) -> tuple[dict, bytes]:
+    """The multipart form the openai client sends: the image file (under one of the names
+    `image`) and text fields (and, for edits, the mask file)."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "multipart/form-data":
         raise ServiceError(415, CODES[415], "send multipart/form-data with an `image` file")
     try:
-        form = await request.form(max_files=1, max_fields=len(VARIATION_FIELDS))
+        form = await request.form(max_files=2 if "mask" in known else 1,
+                                  max_fields=len(known))
     except StarletteHTTPException as e:
         raise ProtocolError(400, "invalid_request", f"bad multipart body: {e.detail}") from e
     try:
@@ -212,7 +308,10 @@ async def _form_fields(request: Request) -> tuple[dict, bytes]:
             fields[key] = await value.read() if isinstance(value, UploadFile) else value
     finally:
         await form.close()
-    _only(fields, VARIATION_FIELDS)
+    for alias in image[1:]:
+        if alias in fields and image[0] not in fields:
+            fields[image[0]] = fields.pop(alias)
+    _only(fields, known)
     blob = fields.pop("image", None)
     if not isinstance(blob, bytes) or not blob:
         raise ProtocolError(400, "invalid_request", "image is required: upload one image file",
@@ -307,8 +406,9 @@ def _grid(svc, entry: ModelEntry, size) -> list[int] | None:
     return [height // ds_h, width // ds_w]
 
 
-async def _images(request: Request, svc, req: GenerateRequest, size: str) -> Response:
-    entry, payload = admit(svc, request, req)
+async def _images(request: Request, svc, req: GenerateRequest, size: str,
+                  cells: np.ndarray | None = None) -> Response:
+    entry, payload = admit(svc, request, req, cells)
     _, images = await sample_images(request, svc, entry, payload)
     body = await svc.offload(_images_json, images, payload.seed, size, pixels=images.size)
     return Response(body, media_type="application/json",

@@ -1,6 +1,6 @@
 // The playground's script: plain browser APIs, no dependencies, talks to this server only.
 // Element ids used by tests and scripts: #model #label #seed #generate #result #painting #draw
-// #encode #reconstruction #tokens (see README).
+// #encode #reconstruction #tokens #edit-source #edit-mask #edit-use #repaint #extend (see README).
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -15,6 +15,9 @@ const el = {
   draw: $("#draw"), clear: $("#clear"), file: $("#file"), encode: $("#encode"),
   reconstruction: $("#reconstruction"), tokens: $("#tokens"), tokensInfo: $("#tokens-info"),
   clearPrefix: $("#clear-prefix"), resample: $("#resample"), status: $("#status"),
+  editSource: $("#edit-source"), editMask: $("#edit-mask"), editInfo: $("#edit-info"),
+  editUse: $("#edit-use"), editFile: $("#edit-file"), editClear: $("#edit-clear"),
+  brush: $("#brush"), extendBy: $("#extend-by"), repaint: $("#repaint"), extend: $("#extend"),
 };
 
 const state = {
@@ -231,6 +234,7 @@ function setBusy(busy) {
   el.generate.disabled = busy || !(m && m.can_generate);
   el.encode.disabled = busy;
   el.resample.disabled = busy || !canResample();
+  editButtons();
 }
 
 async function showImage(img, png) {
@@ -325,7 +329,9 @@ async function sample(body) {
   const ms = Math.round(performance.now() - t0);
   el.resultInfo.textContent = `${answer.model}, seed ${answer.seed}` +
     (body.label !== undefined ? `, class ${current().classes[body.label] ?? body.label}` : "") +
-    (body.prefix ? `, ${body.prefix.flat().length} tokens kept` : "") + ` \u2014 ${ms} ms`;
+    (body.prefix ? `, ${body.prefix.flat().length} tokens kept` : "") +
+    (body.image ? (body.mask ? ", repainted" : ", extended") : "") + ` \u2014 ${ms} ms`;
+  el.result.dataset.model = answer.model;
   setMap({ model: answer.model, rows, cols, ids: image.tokens.flat() }, "generated image");
   status(`Done in ${ms} ms`);
 }
@@ -528,12 +534,159 @@ el.file.addEventListener("change", async () => {
   el.file.value = "";
 });
 
+// ---- editing: repaint a brushed region, extend into a wider canvas --------------------------
+// The editor holds an image of whole tokens of one model (an upload of another size is fitted
+// to the model's image size as /encode fits it) and a brushed mask of the same pixels; the
+// request is /generate with `image` and `mask` (transparent where brushed) as data URLs.
+const edit = { model: null, rows: 0, cols: 0, f: 1, last: null };
+const srcCtx = el.editSource.getContext("2d");
+const maskCtx = el.editMask.getContext("2d", { willReadFrequently: true });
+
+function editButtons() {
+  const m = edit.model && state.models[edit.model];
+  const ok = Boolean(m && m.can_generate && edit.model === el.model.value && !state.busy);
+  el.repaint.disabled = !ok;
+  el.extend.disabled = !ok;
+}
+
+function setSource(drawable, width, height, model) {
+  const m = state.models[model];
+  const f = m.image_size[0] / m.grid[0];
+  const whole = width % f === 0 && height % f === 0 && width / f >= m.grid[1]
+    && height / f >= m.grid[0] && width / f <= m.max_grid[1] && height / f <= m.max_grid[0];
+  const [H, W] = whole ? [height, width] : m.image_size;
+  for (const c of [el.editSource, el.editMask]) {
+    c.width = W;
+    c.height = H;
+  }
+  srcCtx.fillStyle = "#000";
+  srcCtx.fillRect(0, 0, W, H);
+  const scale = whole ? 1 : Math.min(W / width, H / height);  // padded with black, centred
+  const w = width * scale;
+  const h = height * scale;
+  srcCtx.imageSmoothingEnabled = !whole;
+  srcCtx.drawImage(drawable, (W - w) / 2, (H - h) / 2, w, h);
+  maskCtx.clearRect(0, 0, W, H);
+  Object.assign(edit, { model, rows: H / f, cols: W / f, f });
+  el.editSource.parentElement.classList.toggle("photo", m.channels === 3);
+  el.editInfo.textContent = `${W}\u00d7${H} pixels, ${edit.rows}\u00d7${edit.cols} tokens ` +
+    `of ${model}: brush over what to repaint`;
+  editButtons();
+}
+
+function maskPoint(e) {
+  const box = el.editMask.getBoundingClientRect();
+  return [(e.clientX - box.left) * (el.editMask.width / box.width),
+    (e.clientY - box.top) * (el.editMask.height / box.height)];
+}
+
+function brush(from, to) {
+  maskCtx.strokeStyle = "rgba(255, 45, 85, 0.6)";
+  maskCtx.lineWidth = Math.max(1, Number(el.brush.value) || 1) * edit.f;
+  maskCtx.lineCap = "round";
+  maskCtx.lineJoin = "round";
+  maskCtx.beginPath();
+  maskCtx.moveTo(...from);
+  maskCtx.lineTo(...to);
+  maskCtx.stroke();
+}
+
+el.editMask.addEventListener("pointerdown", (e) => {
+  if (!edit.model) return;
+  el.editMask.setPointerCapture(e.pointerId);
+  edit.last = maskPoint(e);
+  brush(edit.last, edit.last);
+});
+el.editMask.addEventListener("pointermove", (e) => {
+  if (!edit.last) return;
+  const p = maskPoint(e);
+  brush(edit.last, p);
+  edit.last = p;
+});
+for (const type of ["pointerup", "pointercancel"]) {
+  el.editMask.addEventListener(type, () => { edit.last = null; });
+}
+
+// The brushed pixels as the API's mask: transparent where brushed, opaque white elsewhere;
+// null when nothing is brushed.
+function maskPNG() {
+  const { width: W, height: H } = el.editMask;
+  const painted = maskCtx.getImageData(0, 0, W, H).data;
+  const out = new ImageData(W, H);
+  let any = false;
+  for (let i = 0; i < W * H; i++) {
+    const hit = painted[4 * i + 3] > 0;
+    any = any || hit;
+    out.data.set([255, 255, 255, hit ? 0 : 255], 4 * i);
+  }
+  if (!any) return null;
+  const c = document.createElement("canvas");
+  c.width = W;
+  c.height = H;
+  c.getContext("2d").putImageData(out, 0, 0);
+  return c.toDataURL("image/png");
+}
+
+function editGrid(rows, cols) {
+  const m = state.models[edit.model];
+  return rows === m.grid[0] && cols === m.grid[1] ? null : [rows, cols];
+}
+
+el.repaint.addEventListener("click", () => {
+  const mask = maskPNG();
+  if (!mask) {
+    showError(new Error("Brush over the part of the image to repaint first"));
+    return;
+  }
+  generate({ model: edit.model, image: el.editSource.toDataURL("image/png"), mask,
+    grid: editGrid(edit.rows, edit.cols), prefix: null });
+});
+
+el.extend.addEventListener("click", () => {
+  const m = state.models[edit.model];
+  const by = Math.floor(Number(el.extendBy.value));
+  const cols = edit.cols + 2 * by;
+  if (!(by >= 1) || cols > m.max_grid[1]) {
+    showError(new Error(`Extend by 1 to ${Math.floor((m.max_grid[1] - edit.cols) / 2)} cells ` +
+      `each side (${edit.model}'s canvases are at most ${m.max_grid[1]} cells wide)`));
+    return;
+  }
+  // the source centred (the API's default offset); a brushed region is repainted too
+  generate({ model: edit.model, image: el.editSource.toDataURL("image/png"),
+    mask: maskPNG(), grid: editGrid(edit.rows, cols), prefix: null });
+});
+
+el.editUse.addEventListener("click", async () => {
+  const img = el.result;
+  if (img.dataset.state !== "done" || !img.dataset.model) {
+    showError(new Error("Generate an image first"));
+    return;
+  }
+  await img.decode();
+  setSource(img, img.naturalWidth, img.naturalHeight, img.dataset.model);
+});
+el.editFile.addEventListener("change", async () => {
+  const file = el.editFile.files[0];
+  el.editFile.value = "";
+  if (!file) return;
+  try {
+    const bitmap = await createImageBitmap(file);
+    setSource(bitmap, bitmap.width, bitmap.height, el.model.value);
+    bitmap.close();
+  } catch (err) {
+    showError(new Error(`cannot read ${file.name}: ${err.message || err}`));
+  }
+});
+el.editClear.addEventListener("click", () => {
+  maskCtx.clearRect(0, 0, el.editMask.width, el.editMask.height);
+});
+
 // ---- wiring --------------------------------------------------------------------------------
 el.form.addEventListener("submit", (e) => {
   e.preventDefault();
   generate();
 });
-el.model.addEventListener("change", applyModel);
+el.model.addEventListener("change", () => { applyModel(); editButtons(); });
 el.defaults.addEventListener("click", applyDefaults);
 el.newSeed.addEventListener("click", () => {
   el.seed.value = String(Math.floor(Math.random() * 2 ** 31));

@@ -338,3 +338,114 @@ def test_a_server_with_keys_asks_for_one(browser):
             assert w.foreign_requests() == []
         finally:
             w.close()
+
+
+# ---- the editor: repaint a brushed region, extend into a wider canvas ---------------------
+def brush_stroke(page, points: list[tuple[float, float]]) -> None:
+    """A mouse stroke over the editor's mask, through points given as fractions of it."""
+    box = page.locator("#edit-mask").bounding_box()
+    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*xy[0])
+    page.mouse.down()
+    for x, y in xy[1:]:
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
+def data_url(url: str) -> bytes:
+    head, _, data = url.partition(",")
+    assert head == "data:image/png;base64", head
+    return base64.b64decode(data)
+
+
+def encoded_tokens(base: str, model: str, png: bytes) -> np.ndarray:
+    r = httpx.post(f"{base}/encode", params={"model": model}, content=png,
+                   headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return np.asarray(r.json()["tokens"][0])
+
+
+def test_repaint_a_brushed_region(watched, server):
+    page = watched.open().page
+    page.select_option("#label", "3")
+    page.fill("#seed", "5")
+    watched.generate()
+    source = watched.pixels("#result")
+    page.click("#edit-use")
+    page.wait_for_selector("#repaint:not([disabled])")
+    brush_stroke(page, [(0.1, 0.45), (0.9, 0.45)])
+    page.click("#repaint")
+    page.wait_for_selector("#result[data-state=done]", state="attached")
+    post = watched.posts("/generate")[-1]
+    sent = post.post_data_json
+    assert post.headers["accept"].startswith("text/event-stream")  # streamed
+    assert (sent["model"], sent["label"], sent["seed"]) == ("mnist", 3, 5)
+    assert "grid" not in sent and "prefix" not in sent
+    image = data_url(sent["image"])
+    assert np.array_equal(rgba(image), source)  # the result, as the editor holds it
+    alpha = rgba(data_url(sent["mask"]))[..., 3]
+    assert alpha.shape == (28, 28) and 0 < (alpha == 0).mean() < 0.5
+    cells = (alpha < 128).reshape(7, 4, 7, 4).any(axis=(1, 3))
+    assert cells[3].all() and not cells[0].any()  # the brushed band, in cells
+    answer = api_generate(server, sent)["images"][0]
+    assert np.array_equal(watched.pixels("#result"), rgba(base64.b64decode(answer["png"])))
+    after = np.asarray(watched.token_ids()).reshape(7, 7)
+    assert np.array_equal(after, np.asarray(answer["tokens"]))
+    kept = encoded_tokens(server, "mnist", image)
+    assert np.array_equal(after[~cells], kept[~cells])
+    assert watched.console == [] and watched.foreign_requests() == []
+
+
+def test_extend_into_a_wider_canvas(watched, server):
+    page = watched.open().page
+    page.select_option("#label", "1")
+    page.fill("#seed", "2")
+    watched.generate()
+    page.click("#edit-use")
+    page.wait_for_selector("#extend:not([disabled])")
+    page.fill("#extend-by", "2")
+    page.click("#extend")
+    page.wait_for_selector("#result[data-state=done]", state="attached")
+    sent = watched.posts("/generate")[-1].post_data_json
+    assert sent["grid"] == [7, 11] and "mask" not in sent and "offset" not in sent
+    answer = api_generate(server, sent)["images"][0]
+    shown = watched.pixels("#result")
+    assert shown.shape[:2] == (28, 44)
+    assert np.array_equal(shown, rgba(base64.b64decode(answer["png"])))
+    tokens = np.asarray(answer["tokens"])
+    source = encoded_tokens(server, "mnist", data_url(sent["image"]))
+    assert np.array_equal(tokens[:, 2:9], source)  # centred
+    assert watched.console == [] and watched.foreign_requests() == []
+
+
+def test_a_landscape_is_extended_strip_by_strip(browser):
+    """Extending a landscape streams the wider canvas's strips onto #painting."""
+    if not (ROOT / "checkpoints" / "landscapes" / "transformer.safetensors").is_file():
+        pytest.skip("the shipped landscapes model is not here")
+    app = create_app(settings(checkpoint_dir=ROOT / "checkpoints", models=["landscapes"],
+                              generate_slots=8))
+    with live_server(app) as base:
+        w = Watched(browser, base)
+        page = w.open().page
+        page.fill("#seed", "3")
+        w.generate()
+        page.click("#edit-use")
+        page.wait_for_selector("#extend:not([disabled])")
+        page.fill("#extend-by", "4")
+        page.evaluate("""() => {
+            window.painted = false;
+            new MutationObserver(() => {
+                if (!document.querySelector('#painting').hidden) window.painted = true;
+            }).observe(document.querySelector('#painting'), {attributes: true});
+        }""")
+        page.click("#extend")
+        page.wait_for_selector("#result[data-state=done]", state="attached")
+        sent = w.posts("/generate")[-1].post_data_json
+        assert sent["grid"] == [16, 24]
+        assert page.evaluate("window.painted"), page.text_content("#error-text")
+        answer = api_generate(base, sent)["images"][0]
+        assert np.array_equal(w.pixels("#result"), rgba(base64.b64decode(answer["png"])))
+        source = encoded_tokens(base, "landscapes", data_url(sent["image"]))
+        assert np.array_equal(np.asarray(answer["tokens"])[:, 4:20], source)
+        assert w.console == [] and w.foreign_requests() == []
+        w.close()

@@ -164,6 +164,26 @@ def test_openai_variations_keep_the_image_tokens_then_sample(oai, base, model):
                           native_images(native))
 
 
+def test_openai_edits_repaint_the_masks_transparent_pixels(oai, base, model):
+    name = model["name"]
+    h, w = model["image_size"]
+    source = native_generate(base, model=name, label=4, seed=12)
+    png = base64.b64decode(source["images"][0]["png"])
+    mask = np.full((h, w, 4), 255, dtype=np.uint8)
+    mask[h // 3: 2 * h // 3, :, 3] = 0  # transparent: edited
+    buf = io.BytesIO()
+    Image.fromarray(mask, "RGBA").save(buf, format="PNG")
+    out = oai.images.edit(image=("digit.png", png, "image/png"),
+                          mask=("mask.png", buf.getvalue(), "image/png"), prompt="4",
+                          model=name, n=2, response_format="b64_json", extra_body={"seed": 50})
+    native = native_generate(base, model=name, label=4, n=2, seed=50,
+                             image=base64.b64encode(png).decode(),
+                             mask=base64.b64encode(buf.getvalue()).decode())
+    assert np.array_equal(np.stack([pixels(d.b64_json) for d in out.data]),
+                          native_images(native))
+    assert out.size == f"{w}x{h}"
+
+
 def test_openai_models_list_and_retrieve(oai, base):
     native = httpx.get(f"{base}/models", headers=auth()).json()
     listed = oai.models.list()

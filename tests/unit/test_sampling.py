@@ -4,7 +4,8 @@ import pytest
 import torch
 from model_helpers import gen, mixed_batch, tiny
 
-from models.sampling import SamplingBatch, choose, make_batch, reference_generate
+from models.canvas import canvas_reference, generate_canvas
+from models.sampling import FREE, SamplingBatch, choose, make_batch, reference_generate
 from models.slots import generate, sample
 
 
@@ -94,6 +95,34 @@ def test_prefix_kept_verbatim_and_larger_grid_samples():
     assert big.min() >= 0 and big.max() < cfg.codebook_size
 
 
+def kept_cells(T: int, seed: int) -> list[int]:
+    """A scattered mask: about half the cells kept (codes), the rest FREE."""
+    g = gen(seed)
+    keep = torch.rand(T, generator=g) < 0.5
+    return torch.where(keep, torch.randint(0, 24, (T,), generator=g), FREE).tolist()
+
+
+@pytest.mark.parametrize("grid, positions", [((3, 4), "absolute"), ((3, 4), "relative"),
+                                             ((5, 9), "absolute"), ((5, 9), "relative")])
+def test_cells_keep_any_set_of_cells_in_every_sampler(grid, positions):
+    m = tiny(grid=(3, 4), positions=positions)
+    cfg = m.config
+    T = grid[0] * grid[1]
+    cells = kept_cells(T, 1)
+    kept = [i for i, c in enumerate(cells) if c != FREE]
+    out = sample(m, make_batch(cfg, 2, grid, label=1, cells=cells, generator=gen(3)), grid)
+    assert all(out[b, i] == cells[i] for b in range(2) for i in kept)
+    plain = sample(m, make_batch(cfg, 2, grid, label=1, generator=gen(3)), grid)
+    every = sample(m, make_batch(cfg, 2, grid, label=1, cells=[FREE] * T, generator=gen(3)), grid)
+    assert torch.equal(plain, every)
+    if grid == cfg.grid:  # the step engine against the reference, any mask, guided too
+        batch = make_batch(cfg, 2, grid, label=2, cfg_scale=2.0, cells=cells, generator=gen(4))
+        assert torch.equal(generate(m, batch), reference_generate(m, batch))
+    elif positions == "relative":  # the cached canvas against its reference
+        batch = make_batch(cfg, 1, grid, cells=cells, generator=gen(5))
+        assert torch.equal(generate_canvas(m, batch, grid), canvas_reference(m, batch, grid))
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
@@ -103,6 +132,9 @@ def test_prefix_kept_verbatim_and_larger_grid_samples():
     (dict(temperature=float("nan")), "temperature"), (dict(cfg_scale=float("inf")), "cfg_scale"),
     (dict(temperature=1e308), "temperature"), (dict(temperature=1e-300), "temperature"),
     (dict(cfg_scale=-1e308), "cfg_scale"), (dict(prefix=[2**70]), "ids"),
+    (dict(cells=[FREE] * 11), "entries"), (dict(cells=[24] + [FREE] * 11), "kept token ids"),
+    (dict(cells=[-2] + [FREE] * 11), "kept token ids"), (dict(cells=[2**70] * 12), "cells"),
+    (dict(cells=[FREE] * 12, prefix=[1]), "not both"),
 ])
 def test_bad_arguments_raise_clear_errors(kw, match):
     m = tiny()
