@@ -24,6 +24,7 @@ from .middleware import RequestMiddleware, configure_logging
 from .registry import ModelEntry
 from .routers import decode, encode, generate, health, inference_v2, openai_images, playground
 from .routers import models as models_router
+from .schemas import MAX_PREFIX
 from .settings import Settings, get_settings
 from .state import Service
 
@@ -107,7 +108,9 @@ def schema_limits(svc: Service) -> openapi.Limits | None:
                                        else 1 for e in makers),
                           max_side=max(max(e.max_grid) for e in entries),
                           codebook=max(e.codebook_size for e in entries),
-                          max_images=svc.settings.max_images)
+                          max_images=svc.settings.max_images, max_prefix=MAX_PREFIX,
+                          classes=tuple(dict.fromkeys(
+                              c for e in entries if e.can_generate for c in e.bundle.classes)))
 
 
 def create_app(settings: Settings | None = None,

@@ -95,20 +95,42 @@ def _json_body(schema: dict, path: str) -> dict | None:
 
 
 def add_limits(schema: dict, limits: Limits | None) -> dict:
-    """The bounds the code holds the grids to, from the models loaded: /generate's `grid`
-    (each side from the smallest training grid to the largest max_grid), /decode's grids
-    (rows, columns, ids below the largest codebook, grids per request)."""
+    """The bounds the code holds requests to, from the models loaded: /generate's `grid`
+    (each side from the smallest training grid to the largest max_grid), its prefix ids and
+    labels (indexes and names of the models' classes), top_k (up to the codebook), and
+    /decode's grids (rows, columns, ids below the largest codebook, grids per request).
+    Several models: the widest of their bounds (a model's own may be narrower)."""
     if limits is None:
         return schema
+    ids = {"type": "integer", "minimum": 0, "maximum": limits.codebook - 1}
     generate = _json_body(schema, "/generate")
     if generate is not None:
-        for option in generate["properties"]["grid"].get("anyOf", []):
+        props = generate["properties"]
+        for option in props["grid"].get("anyOf", []):
             if option.get("type") == "array":
                 option["items"] = {"type": "integer", "minimum": limits.min_side,
                                    "maximum": limits.max_side}
+        props["prefix"]["anyOf"] = [
+            {"type": "array", "items": ids, "maxItems": limits.max_prefix},
+            {"type": "array", "items": {"type": "array", "items": ids,
+                                        "maxItems": limits.max_side},
+             "maxItems": limits.max_side},
+            {"type": "null"}]
+        if limits.classes:
+            props["label"]["anyOf"] = [
+                {"type": "integer", "minimum": 0, "maximum": len(limits.classes) - 1},
+                {"type": "string", "enum": list(limits.classes)}, {"type": "null"}]
+    for path, media in (("/generate", "application/json"),
+                        ("/v1/images/generations", "application/json"),
+                        ("/v1/images/variations", "multipart/form-data")):
+        body = schema.get("paths", {}).get(path, {}).get("post", {}).get(
+            "requestBody", {}).get("content", {}).get(media)
+        top_k = body["schema"]["properties"].get("top_k") if body else None
+        for option in (top_k or {}).get("anyOf", [top_k] if top_k else []):
+            if option.get("type") == "integer":
+                option["maximum"] = limits.codebook
     decode = _json_body(schema, "/decode")
     if decode is not None:
-        ids = {"type": "integer", "minimum": 0, "maximum": limits.codebook - 1}
         row = {"type": "array", "items": ids, "minItems": 1, "maxItems": limits.max_side}
         grid = {"type": "array", "items": row, "minItems": 1, "maxItems": limits.max_side}
         tokens = decode["properties"]["tokens"]
@@ -125,6 +147,8 @@ class Limits:
     max_side: int  # the largest side of a model's max_grid
     codebook: int  # the largest codebook
     max_images: int  # TAMING_MAX_IMAGES
+    max_prefix: int  # the most ids a prefix may hold (schemas.MAX_PREFIX)
+    classes: tuple[str, ...] = ()  # the generating models' class names (the label's enum)
 
 
 def document_headers(app: FastAPI, secured: tuple[str, ...] = (),

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Path, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -63,7 +63,9 @@ SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$"
 
 
 class ImageGenerationRequest(BaseModel):
-    prompt: str = Field("", max_length=MAX_PROMPT, description=(
+    model_config = ConfigDict(extra="forbid")  # an unknown field is refused, by name
+
+    prompt: str = Field(max_length=MAX_PROMPT, description=(
         "A class of the model, by name or index (\"7\", \"Sneaker\"); empty for unconditional."))
     model: str | None = Field(None, max_length=MAX_NAME, description="Default: the server's.")
     n: int = Field(1, ge=1, le=64)
@@ -114,7 +116,8 @@ def _form_field(name: str) -> dict:
 
 
 _VARIATION_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {
-    "schema": {"type": "object", "required": ["image"], "properties": {
+    "schema": {"type": "object", "required": ["image"], "additionalProperties": False,
+               "properties": {
         "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP."},
         "model": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 64},
         "size": {"type": "string", "pattern": SIZE_PATTERN},
@@ -265,7 +268,8 @@ def _generate_request(svc, request: Request, fields: dict
     entry = svc.model(req.model, request)
     label = _label(entry, fields.get("prompt", ""))
     h, w = entry.image_size
-    size = fields.get("size") or "auto"
+    size = fields.get("size")
+    size = "auto" if size is None else size
     grid = None
     if size != "auto":
         grid = _grid(svc, entry, size)
@@ -298,7 +302,7 @@ def _grid(svc, entry: ModelEntry, size) -> list[int] | None:
     (h, w), (rows, cols) = entry.image_size, entry.grid
     ds_h, ds_w = h // rows, w // cols
     max_rows, max_cols = entry.max_grid
-    match = SIZE.fullmatch(size) if isinstance(size, str) else None
+    match = SIZE.fullmatch(size) if isinstance(size, str) and size.isascii() else None
     if match is None:
         raise ProtocolError(400, "invalid_request", (
             f"size {str(size)[:40]!r} is not \"WxH\": two whole numbers of pixels in ASCII "
