@@ -101,7 +101,7 @@ CLIENT_GONE = 499
 
 class RequestMiddleware:
     def __init__(self, app, metrics: Metrics, max_body_bytes: int, arrivals: Arrivals,
-                 body_timeout_s: float = 30.0) -> None:
+                 body_timeout_s: float = 20.0) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes

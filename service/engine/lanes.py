@@ -355,8 +355,8 @@ class GenerationEngine:
     def _expire(self, job: GenerateJob) -> None:
         """A deadline check: a request that has not started, or a training-size one that has
         not finished, leaves with 504; a started canvas is given the time its work takes."""
-        if job.future.done() and not job.future.cancelled():
-            return
+        if job.cancelled or (job.future.done() and not job.future.cancelled()):
+            return  # it left already, or finished
         if job.started is None:
             message = (f"the request did not start within {job.timeout_s:g} s of its arrival "
                        "(the server is busy; nothing of it was computed)")
