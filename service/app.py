@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,6 +24,7 @@ from .middleware import RequestMiddleware, configure_logging
 from .registry import ModelEntry
 from .routers import decode, encode, generate, health, inference_v2, openai_images, playground
 from .routers import models as models_router
+from .schemas import MAX_PREFIX
 from .settings import Settings, get_settings
 from .state import Service
 
@@ -96,6 +98,21 @@ class TamingApp(FastAPI):
         return app
 
 
+def schema_limits(svc: Service) -> openapi.Limits | None:
+    """The grids' bounds for the schema, from the loaded models (None before they load)."""
+    entries = list(svc.models.values())
+    if not entries:
+        return None
+    makers = [e for e in entries if e.can_generate] or entries
+    return openapi.Limits(min_side=min(min(e.bundle.gpt.config.grid) if e.can_generate
+                                       else 1 for e in makers),
+                          max_side=max(max(e.max_grid) for e in entries),
+                          codebook=max(e.codebook_size for e in entries),
+                          max_images=svc.settings.max_images, max_prefix=MAX_PREFIX,
+                          classes=tuple(dict.fromkeys(
+                              c for e in entries if e.can_generate for c in e.bundle.classes)))
+
+
 def create_app(settings: Settings | None = None,
                models: dict[str, ModelEntry] | None = None) -> FastAPI:
     """Build the app. `models` lets a caller pass checkpoints it already loaded."""
@@ -106,6 +123,7 @@ def create_app(settings: Settings | None = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await svc.start()
+        app.openapi_schema = None  # built again with the loaded models' bounds
         try:
             yield
         finally:
@@ -128,11 +146,12 @@ def create_app(settings: Settings | None = None,
     app.include_router(health.router)
     app.include_router(inference_v2.health_router)  # probes need no key, as /readyz
     openapi.install_docs(app)  # /docs with its assets served here, not from a CDN
-    openapi.document_headers(app, secured=tuple(INFERENCE_ROUTES) if settings.api_keys else ())
+    openapi.document_headers(app, secured=tuple(INFERENCE_ROUTES) if settings.api_keys else (),
+                             limits=partial(schema_limits, svc))
     app.include_router(playground.router)
     layers: list[tuple[type, dict]] = [(RequestMiddleware, {
         "metrics": svc.metrics, "max_body_bytes": settings.max_body_bytes,
-        "arrivals": svc.arrivals})]
+        "arrivals": svc.arrivals, "body_timeout_s": settings.body_timeout_s})]
     if settings.cors_origins:
         layers.append((CORSMiddleware, {
             "allow_origins": settings.cors_origins, "allow_methods": ["GET", "POST"],

@@ -1,4 +1,10 @@
-"""One error shape for every failure: `{"error": {"code": "...", "message": "..."}}`."""
+"""The error shapes: the native `{"error": {"code": "...", "message": "..."}}`, and those of
+the protocol routes (OpenAI's under /v1, the Open Inference Protocol's under /v2).
+
+Every error answer picks its shape by the request's path (`error_for`), wherever it is made:
+in a handler, in FastAPI's exception handlers, in the request layer (413, 408, 500) or in the
+HTTP protocol itself; so a protocol's clients read every message where they look for it.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +47,39 @@ def error_response(status: int, code: str, message: str,
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
+def openai_error(status: int, code: str, message: str, param: str | None = None,
+                 headers: dict | None = None) -> Response:
+    """OpenAI's error body; the native API's 422 becomes a 400."""
+    status = 400 if status == 422 else status
+    kind = ("authentication_error" if status == 401 else "server_error" if status >= 500
+            else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return Response(json.dumps(body).encode(), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def v2_error(status: int, code: str, message: str, param: str | None = None,
+             headers: dict | None = None) -> Response:
+    """The Open Inference Protocol's `{"error": "<message>"}`; 422 becomes a 400."""
+    status = 400 if status == 422 else status
+    return Response(json.dumps({"error": message}).encode(), status_code=status,
+                    headers=headers, media_type="application/json")
+
+
+def _native(status: int, code: str, message: str, param: str | None = None,
+            headers: dict | None = None) -> Response:
+    return error_response(status, code, message, headers)
+
+
+def error_for(path: str):
+    """The error shape of a request path: (status, code, message, param, headers) -> answer."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return v2_error
+    if path == "/v1" or path.startswith("/v1/"):
+        return openai_error
+    return _native
+
+
 _UNION_TAGS = {"int", "str", "float", "bool", "list", "dict", "none"}
 
 
@@ -69,25 +108,30 @@ def describe_validation(errors: list[dict]) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_for(request.url.path)(exc.status, exc.code, exc.message,
+                                           getattr(exc, "param", None), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(422, "invalid_request", describe_validation(list(exc.errors())))
+        return error_for(request.url.path)(422, "invalid_request",
+                                           describe_validation(list(exc.errors())), None, None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            return error_response(422, "invalid_request", "body is not valid JSON")
+            return error_for(request.url.path)(422, "invalid_request", "body is not valid JSON",
+                                               None, None)
         code = CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} not allowed on {request.url.path}"
-        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+        return error_for(request.url.path)(exc.status_code, code, message, None,
+                                           getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal_error", "internal server error")
+        return error_for(request.url.path)(500, "internal_error", "internal server error",
+                                           None, None)

@@ -9,6 +9,16 @@ A body over the limit is answered 413 after the rest of it is read and dropped, 
 LINGER_BYTES and LINGER_S (a lingering close): a client that writes its whole body before
 reading, as urllib, requests and httpx do, then reads the 413 instead of a reset connection.
 A client that sent `Expect: 100-continue` gets the 413 without being asked for the body.
+
+The whole body must arrive within TAMING_BODY_TIMEOUT_S of the request's header, else the
+client gets 408 and the connection closes (the header has its own deadline, in
+service.server): a client sending a byte a second held its connection, and its place among
+the requests in flight, for as long as it liked. Content-Length is parsed strictly
+(service.lengths) and must be sent once.
+
+A client that leaves before its answer is complete is logged and counted as 499, whatever
+its handler answered: a stream it stopped reading, a request it abandoned while queued.
+Every error answered here has the shape of the request's protocol (service.errors.error_for).
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import sys
 import time
 
 from .engine.batches import Arrivals
-from .errors import error_response
+from .errors import error_for
+from .lengths import parse_length
 from .metrics import Metrics
 
 log = logging.getLogger("taming.http")
@@ -63,6 +74,7 @@ _ID_PREFIX = secrets.token_hex(12)  # + 8 hex digits of counter: 32 characters, 
 _ids = itertools.count()
 LINGER_BYTES = 64 * 1024 * 1024  # most of a too-large body read (and dropped) before the 413
 LINGER_S = 10.0  # most time spent reading it
+_timeout_at = getattr(asyncio, "timeout_at", None)  # Python 3.11+
 
 
 def endpoint_of(path: str) -> str:
@@ -84,40 +96,60 @@ def endpoint_of(path: str) -> str:
     return "other"
 
 
+CLIENT_GONE = 499
+
+
 class RequestMiddleware:
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int, arrivals: Arrivals) -> None:
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, arrivals: Arrivals,
+                 body_timeout_s: float = 20.0) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.arrivals = arrivals
+        self.body_timeout = body_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        rid = length = None
+        loop = asyncio.get_running_loop()
+        rid = None
+        lengths: list[bytes] = []
         expects_continue = False
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 rid = v.decode("latin-1")
             elif k == b"content-length":
-                length = v
+                lengths.append(v)
             elif k == b"expect":
                 expects_continue = v.lower() == b"100-continue"
         if rid is None or not _REQUEST_ID.fullmatch(rid):
             rid = f"{_ID_PREFIX}{next(_ids):08x}"
-        ctx = {"model": "", "t0": t0}
+        # arrival: when the header was complete; deadlines run from here, the body's included
+        ctx = {"model": "", "t0": t0, "arrival": loop.time()}
         scope[LOG_KEY] = ctx
         endpoint = endpoint_of(scope["path"])
-        state = {"status": 499, "started": False}
+        # complete: the answer's last byte was handed to the server; gone: the client left
+        # before that (a disconnect read while the answer was incomplete)
+        state = {"status": CLIENT_GONE, "started": False, "complete": False, "gone": False}
         rid_header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 state["status"], state["started"] = message["status"], True
                 message["headers"] = [*message.get("headers", ()), rid_header]
+            elif not message.get("more_body", False):
+                state["complete"] = True
             await send(message)
+
+        async def receive_watched():
+            message = await inner()
+            if message["type"] == "http.disconnect" and not state["complete"]:
+                state["gone"] = True
+            return message
+
+        inner = receive
 
         inference = endpoint in INFERENCE
         if inference:
@@ -125,25 +157,36 @@ class RequestMiddleware:
             self.arrivals.n += 1  # until the handler queues it (state.Service.run)
             ctx["arriving"] = True
         try:
+            length = parse_length(lengths[0]) if len(lengths) == 1 else None
+            if lengths and length is None:
+                await self._error(scope, receive, send_with_id, 400, "bad_request", (
+                    "Content-Length must be sent once, as ASCII digits"), {"Connection": "close"})
+                return
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                if length is not None and length.isdigit() and int(length) > self.max_body:
+                if length is not None and length > self.max_body:
                     # no lingering when the client waits for 100 Continue or sends too much
-                    linger = not expects_continue and int(length) <= LINGER_BYTES
+                    linger = not expects_continue and length <= LINGER_BYTES
                     await self._too_big(scope, receive, send_with_id, linger)
                     return
-                body = await self._read_body(receive)
+                try:
+                    body = await self._read_body_in_time(receive, ctx["arrival"])
+                except asyncio.TimeoutError:
+                    await self._error(scope, receive, send_with_id, 408, "request_timeout", (
+                        f"the request body was not complete within {self.body_timeout:g} s "
+                        "of its header"), {"Connection": "close"})
+                    return
                 if body is None:  # over the limit while streaming
                     await self._too_big(scope, receive, send_with_id, True)
                     return
                 if body is False:  # the client went away mid-body
                     return
-                receive = _replay(body, receive)
-            await self.app(scope, receive, send_with_id)
+                inner = _replay(body, receive)
+            await self.app(scope, receive_watched, send_with_id)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not state["started"]:
-                await error_response(500, "internal_error", "internal server error")(
-                    scope, receive, send_with_id)
+                await self._error(scope, receive, send_with_id, 500, "internal_error",
+                                  "internal server error")
             else:
                 state["status"] = 500
         finally:
@@ -153,6 +196,8 @@ class RequestMiddleware:
                     self.arrivals.n -= 1
             elapsed = time.perf_counter() - t0
             model, status = ctx["model"], state["status"]
+            if status != 500 and (state["gone"] or (state["started"] and not state["complete"])):
+                status = CLIENT_GONE  # it left first: whatever was (being) answered, unread
             self.metrics.requests.labels(endpoint, model, str(status)).inc()
             self.metrics.request_duration.labels(endpoint, model).observe(elapsed)
             record = {"ts": round(time.time(), 3), "request_id": rid, "method": scope["method"],
@@ -163,12 +208,29 @@ class RequestMiddleware:
                     record[k] = ctx[k]
             access(record)
 
+    @staticmethod
+    async def _error(scope, receive, send, status: int, code: str, message: str,
+                     headers: dict | None = None) -> None:
+        """An error answer in the shape of the request's protocol."""
+        await error_for(scope["path"])(status, code, message, None, headers)(
+            scope, receive, send)
+
     async def _too_big(self, scope, receive, send, linger: bool) -> None:
         """413; the connection stays open only when the whole body was read and dropped."""
         drained = linger and await _drop_body(receive)
-        await error_response(413, "payload_too_large",
-                             f"request body exceeds the limit of {self.max_body} bytes",
-                             None if drained else {"Connection": "close"})(scope, receive, send)
+        await self._error(scope, receive, send, 413, "payload_too_large",
+                          f"request body exceeds the limit of {self.max_body} bytes",
+                          None if drained else {"Connection": "close"})
+
+    async def _read_body_in_time(self, receive, arrival: float) -> bytes | None | bool:
+        """The body, read by TAMING_BODY_TIMEOUT_S after `arrival` (loop.time()), else
+        asyncio.TimeoutError."""
+        deadline = arrival + self.body_timeout
+        if _timeout_at is not None:  # Python 3.11+: a timer, no task
+            async with _timeout_at(deadline):
+                return await self._read_body(receive)
+        left = deadline - asyncio.get_running_loop().time()
+        return await asyncio.wait_for(self._read_body(receive), max(0.0, left))
 
     async def _read_body(self, receive) -> bytes | None | bool:
         chunks, size = [], 0

@@ -10,6 +10,9 @@ come from the fastapi-offline package (installed from PyPI with the server). The
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
@@ -74,14 +77,93 @@ def add_security(schema: dict, paths: tuple[str, ...]) -> dict:
     return schema
 
 
-def document_headers(app: FastAPI, secured: tuple[str, ...] = ()) -> None:
-    """Make app.openapi() return the generated schema with the headers added, and the key
-    check of `secured` (POST routes) documented (built once)."""
+def hoist_defs(schema: dict) -> dict:
+    """The models nested in a request body that a handler parses itself (pydantic's `$defs`,
+    referred to as #/components/schemas/...) become components, so every reference resolves."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            for media in op.get("requestBody", {}).get("content", {}).values():
+                components.update(media.get("schema", {}).pop("$defs", {}))
+    return schema
+
+
+def _json_body(schema: dict, path: str) -> dict | None:
+    op = schema.get("paths", {}).get(path, {}).get("post", {})
+    media = op.get("requestBody", {}).get("content", {}).get("application/json")
+    return None if media is None else media["schema"]
+
+
+def add_limits(schema: dict, limits: Limits | None) -> dict:
+    """The bounds the code holds requests to, from the models loaded: /generate's `grid`
+    (each side from the smallest training grid to the largest max_grid), its prefix ids and
+    labels (indexes and names of the models' classes), top_k (up to the codebook), and
+    /decode's grids (rows, columns, ids below the largest codebook, grids per request).
+    Several models: the widest of their bounds (a model's own may be narrower)."""
+    if limits is None:
+        return schema
+    ids = {"type": "integer", "minimum": 0, "maximum": limits.codebook - 1}
+    generate = _json_body(schema, "/generate")
+    if generate is not None:
+        props = generate["properties"]
+        for option in props["grid"].get("anyOf", []):
+            if option.get("type") == "array":
+                option["items"] = {"type": "integer", "minimum": limits.min_side,
+                                   "maximum": limits.max_side}
+        props["prefix"]["anyOf"] = [
+            {"type": "array", "items": ids, "maxItems": limits.max_prefix},
+            {"type": "array", "items": {"type": "array", "items": ids,
+                                        "maxItems": limits.max_side},
+             "maxItems": limits.max_side},
+            {"type": "null"}]
+        if limits.classes:
+            props["label"]["anyOf"] = [
+                {"type": "integer", "minimum": 0, "maximum": len(limits.classes) - 1},
+                {"type": "string", "enum": list(limits.classes)}, {"type": "null"}]
+    for path, media in (("/generate", "application/json"),
+                        ("/v1/images/generations", "application/json"),
+                        ("/v1/images/variations", "multipart/form-data")):
+        body = schema.get("paths", {}).get(path, {}).get("post", {}).get(
+            "requestBody", {}).get("content", {}).get(media)
+        top_k = body["schema"]["properties"].get("top_k") if body else None
+        for option in (top_k or {}).get("anyOf", [top_k] if top_k else []):
+            if option.get("type") == "integer":
+                option["maximum"] = limits.codebook
+    decode = _json_body(schema, "/decode")
+    if decode is not None:
+        row = {"type": "array", "items": ids, "minItems": 1, "maxItems": limits.max_side}
+        grid = {"type": "array", "items": row, "minItems": 1, "maxItems": limits.max_side}
+        tokens = decode["properties"]["tokens"]
+        tokens["anyOf"] = [grid, {"type": "array", "items": grid, "minItems": 1,
+                                  "maxItems": limits.max_images}]
+    return schema
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the loaded models and the settings allow, for the schema."""
+
+    min_side: int  # the smallest side of a model's training grid
+    max_side: int  # the largest side of a model's max_grid
+    codebook: int  # the largest codebook
+    max_images: int  # TAMING_MAX_IMAGES
+    max_prefix: int  # the most ids a prefix may hold (schemas.MAX_PREFIX)
+    classes: tuple[str, ...] = ()  # the generating models' class names (the label's enum)
+
+
+def document_headers(app: FastAPI, secured: tuple[str, ...] = (),
+                     limits: Callable[[], Limits | None] = lambda: None) -> None:
+    """Make app.openapi() return the generated schema with the headers added, the key
+    check of `secured` (POST routes) documented, nested body models as components and the
+    grids' bounds from `limits()` (built once; again after the models load)."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            add_security(add_headers(build()), secured)
+            # a copy: the bodies documented by hand are module-level dicts, shared by apps
+            schema = copy.deepcopy(build())
+            app.openapi_schema = add_limits(hoist_defs(add_security(add_headers(schema),
+                                                                    secured)), limits())
         return app.openapi_schema
 
     app.openapi = openapi

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.sampling import MAX_CFG_SCALE, MAX_TEMPERATURE, MIN_TEMPERATURE
 
 MAX_N = 64
-MAX_SEED = 2**62
+MAX_SEED = 2**53 - 1  # the largest integer every JSON parser reads exactly (RFC 8259, section 6)
 MAX_NAME = 128
 MAX_PREFIX = 64 * 64  # a bound for parsing; the real limit is the grid's cell count
 MAX_SOURCE_ROWS = 256  # a bound for parsing; the real limit is the model's max_grid

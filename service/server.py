@@ -7,19 +7,21 @@ start", is open). `HeaderDeadline` is uvicorn's own httptools protocol with that
 the moment a connection opens, or the first byte of its next request, the header must be
 complete within TAMING_HEADER_TIMEOUT_S, else the client gets 408 and the connection closes
 (a connection that sent nothing is just closed). Parsing stays uvicorn's: nothing here reads
-a byte of HTTP.
+a byte of HTTP. What its parser refuses is answered 400 in the JSON error shape (uvicorn's
+own answer is plain text), from `send_400_response`, the method uvicorn calls for it.
+The body's deadline (TAMING_BODY_TIMEOUT_S) is the request layer's (service.middleware).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from functools import partial
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .errors import error_for
 from .settings import Settings
 
 ACCEPTED_GRACE_S = 0.25
@@ -76,14 +78,36 @@ class HeaderDeadline(HttpToolsProtocol):
             self.cycle.keep_alive = False
             return
         if self._header_bytes:
-            body = json.dumps({"error": {"code": "request_timeout", "message": (
-                f"the request header was not complete within {self.header_timeout:g} s")}}
-            ).encode()
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
-                + body)
+            self._answer_and_close(b"408 Request Timeout", "request_timeout", (
+                f"the request header was not complete within {self.header_timeout:g} s"))
+        else:
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refuses (a malformed request line or header,
+        a bad or repeated Content-Length): the JSON error shape, not plain text."""
+        self._answer_and_close(b"400 Bad Request", "bad_request", (
+            "the request is not valid HTTP/1.1 (a malformed request line or header, or a "
+            "bad Content-Length)"))
+
+    def _answer_and_close(self, status: bytes, code: str, message: str) -> None:
+        """An error answer written here, below the app, in the shape of the path's protocol
+        when the request line was read; then the connection closes."""
+        path = _path_of(self.url) if getattr(self, "url", b"") else ""
+        body = error_for(path)(int(status[:3]), code, message, None, None).body
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+            + body)
         self.transport.close()
+
+
+def _path_of(url: bytes) -> str:
+    """The path of a request target as far as it was read ("" when it cannot be told)."""
+    try:
+        return url.split(b"?", 1)[0].decode("ascii")
+    except UnicodeDecodeError:
+        return ""
 
 
 class DrainingServer(uvicorn.Server):

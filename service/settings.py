@@ -115,6 +115,11 @@ class Settings(BaseSettings):
         "A connection must deliver a complete request header this long after it opens (or "
         "after the first byte of its next request); past it the client gets 408 and the "
         "connection closes. Requests in flight are not affected."))
+    body_timeout_s: float = Field(20.0, gt=0, description=(
+        "A request's whole body must arrive this long after its header was complete; past "
+        "it the client gets 408 and the connection closes. Other requests, in flight or on "
+        "other connections, are not affected. The request deadline runs from the header too, "
+        "so time spent sending the body is time taken from the work."))
 
     # operations
     log_level: str = Field("info", description="Log level of the server's own logs.")

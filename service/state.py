@@ -196,7 +196,7 @@ class Service:
         runner = self.runners[(entry.name, operation)]
         self._arrived(ctx, self.arrivals)
         job = self.collector.submit(runner, shape, payload, size, is_gone=request.is_disconnected,
-                                    admitted=self._admitted(ctx))
+                                    admitted=self._admitted(ctx), since=ctx.get("arrival"))
         try:
             return await self.collector.result(job)
         finally:
@@ -219,7 +219,7 @@ class Service:
         return self.generators[entry.name].submit(
             payload.n, payload.image, guided=payload.guided, grid=payload.grid,
             filtered=payload.filtered, on_row=on_row,
-            admitted=self._admitted(ctx))
+            admitted=self._admitted(ctx), since=ctx.get("arrival"))
 
     @staticmethod
     def log_ticket(request: Request, job: GenerateJob) -> None:

@@ -31,13 +31,28 @@ class Admission:
 
     # ---- the gate (event loop) -------------------------------------------------------------
     def check_room(self, n: int = 1) -> None:
-        """503 when the queues cannot take `n` more images (one job may always wait alone).
-        Handlers ask before parsing a body too: under a retry storm a refusal stays cheap."""
+        """503 when the queues cannot take `n` more images now; 422 when they never can (`n`
+        alone is past TAMING_MAX_QUEUE): the bound holds for every job, an empty queue's
+        first included. Handlers ask before parsing a body too: under a retry storm a
+        refusal stays cheap."""
+        if n > self.max_queue:  # the client's to fix: not counted as a refusal for load
+            raise ServiceError(422, "too_many_images", (
+                f"{n} images in one request can never be queued: this server queues at most "
+                f"{self.max_queue} (TAMING_MAX_QUEUE); send at most {self.max_queue}"))
         queued = self.queued
-        if queued and queued + n > self.max_queue:
+        if queued + n > self.max_queue:
             self.reject("queue_full")
-            raise ServiceError(503, "overloaded", f"the queue is full ({queued} images waiting)",
-                               RETRY_AFTER)
+            raise ServiceError(503, "overloaded", (
+                f"the queue is full ({queued} of {self.max_queue} images waiting; this request "
+                f"needs room for {n})"), RETRY_AFTER)
+
+    def check_time(self, loop: asyncio.AbstractEventLoop, since: float | None) -> None:
+        """504 before anything is queued when the request's deadline passed already (its
+        body took the time): its timer would fire only after a worker might take it."""
+        if since is not None and loop.time() >= since + self.timeout_s:
+            self.reject("deadline")
+            raise self.timed_out(f"the request did not start within {self.timeout_s:g} s "
+                                 "of its arrival (its body took that long)")
 
     def admit(self, n: int, admitted: bool = False, closing: bool = False) -> None:
         """Let `n` images in, or raise 503: draining (or `closing`, its owner stopping), or

@@ -172,21 +172,25 @@ class Collector:
     # ---- admission -------------------------------------------------------------------------
     def submit(self, runner: Runner, shape: Any, payload: Any, size: int,
                is_gone: Callable[[], Awaitable[bool]] | None = None,
-               admitted: bool = False) -> BatchJob:
+               admitted: bool = False, since: float | None = None) -> BatchJob:
         """Queue a job of `size` images; raises ServiceError 503 when full or draining.
 
         `admitted`: part of a request the server already accepted (it arrived before
         draining began, or it is the decode of a sampled one): served whatever the queue.
+        `since`: when the request arrived (loop.time(); default now): its deadline counts
+        from there, the time its body took included.
         """
         self.admission.admit(size, admitted, closing=self._closing and not admitted)
         loop = self._loop
+        self.admission.check_time(loop, since)
         now = loop.time()
         key = (runner.model, runner.operation, shape)
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = _Queue(key, runner.operation, runner.model)
         job = BatchJob(runner, key, payload, size, now, loop.create_future(), is_gone)
-        job.timer = self.admission.deadline(loop, now, self._expire, job)
+        job.timer = self.admission.deadline(loop, now if since is None else min(since, now),
+                                            self._expire, job)
         job.future.add_done_callback(lambda _: self._unqueue(job))
         q.jobs.append(job)
         self._count(q, size)
@@ -219,7 +223,7 @@ class Collector:
 
     def _expire(self, job: BatchJob) -> None:
         self._reject(job, "deadline", self.admission.timed_out(
-            f"the request waited {self.admission.timeout_s:g} s in the queue without running"))
+            f"the request did not run within {self.admission.timeout_s:g} s of its arrival"))
 
     def _reject(self, job: BatchJob, reason: str, exc: BaseException) -> None:
         if not job.future.done():

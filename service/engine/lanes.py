@@ -12,8 +12,14 @@ behind /encode on niced threads.
 A canvas (a grid beyond the model's, for a relative model: models/canvas.py) is one image
 that a lane holds beside its rows, one canvas a lane: each loop also runs one step of the
 canvas's wavefront, at most half the lane's rows wide while other images wait or sample, so
-it never holds a lane to itself. Its rows are streamed as strips as they complete; its
-deadline grows with its cells (`canvas_timeout`).
+it never holds a lane to itself. Its rows are streamed as strips as they complete.
+
+Deadlines follow the work. Every request must start sampling within the request timeout of
+its arrival (its header), else it leaves with 504 having cost nothing. A training-size
+request must also finish by then. A canvas, once started, is judged by its own progress
+(`canvas_deadline`): from a request timeout after its start, at each check it gets twice the
+time its remaining cells take at the rate it has sampled so far, plus a request timeout for
+its decode; it is cut (504) only when a check finds it made no progress since the last one.
 
 The event loop only submits and cancels; lanes report back with `call_soon_threadsafe`.
 A job is the single source of truth for its request: which images are done, whether it was
@@ -44,13 +50,24 @@ from .scheduler import Image, Scheduler
 
 log = logging.getLogger("taming.generation")
 
-CANVAS_GRIDS_PER_TIMEOUT = 16  # a canvas gets the request timeout for each 16 training grids
+CANVAS_SLACK = 2.0  # a started canvas gets this many times its projected remaining time
 
 
-def canvas_timeout(timeout_s: float, cells: int, grid_cells: int) -> float:
-    """The deadline of a request for `cells` cells of canvas (in all its images): the request
-    timeout for every CANVAS_GRIDS_PER_TIMEOUT training grids of cells, and never less."""
-    return timeout_s * max(1.0, cells / (CANVAS_GRIDS_PER_TIMEOUT * grid_cells))
+def canvas_deadline(now: float, started: float, cells: int, done: int, checked: int,
+                    timeout_s: float) -> float | None:
+    """When a started canvas request is next checked (loop time), or None: cut it now.
+
+    `cells` in all its images, `done` sampled so far, `checked` sampled at the last check.
+    The first check comes a request timeout after its start; at each later one it must have
+    progressed, and it gets CANVAS_SLACK times its remaining cells at its measured rate, plus
+    a request timeout (its decode, and the jitter of a busy machine)."""
+    first = started + timeout_s
+    if now < first:
+        return first
+    if done <= checked:
+        return None  # no progress since the last check: stalled
+    rate = done / max(now - started, 1e-9)  # cells per second, all its images so far
+    return now + CANVAS_SLACK * (cells - done) / rate + timeout_s
 
 
 @dataclass(eq=False, repr=False)
@@ -74,7 +91,11 @@ class GenerateJob:
     first_row: float | None = None
     finished: float | None = None
     company: int = 0  # images sampling in its lane at its first step
-    timeout_s: float = 0.0  # its deadline, from arrival
+    timeout_s: float = 0.0  # the request timeout: to start, and to finish unless a canvas
+    since: float = 0.0  # when the request arrived (its header; loop.time()): deadlines count
+    cells: int = 0  # canvas cells in all its images (0: not a canvas)
+    cells_done: int = 0  # canvas cells sampled so far (lanes add, under the engine's lock)
+    cells_checked: int = 0  # cells_done at the last deadline check
 
     def __post_init__(self) -> None:
         self.tokens = np.zeros((self.n, self.grid[0] * self.grid[1]), dtype=np.int64)
@@ -189,9 +210,11 @@ class Lane:
         busy = self.scheduler.active or e.waiting
         limit = max(1, self.runner.capacity // 2) if busy else self.runner.capacity
         t0 = time.perf_counter()
-        completed = s.step(s.plan(limit))
+        cells = s.plan(limit)
+        completed = s.step(cells)
         e.metrics.step_duration.labels(e.name, "canvas").observe(time.perf_counter() - t0)
         job, W = im.job, s.grid[1]
+        e.progress(job, len(cells))
         strips = []
         for row in completed:
             if job.on_row is not None:
@@ -286,24 +309,26 @@ class GenerationEngine:
     def submit(self, n: int, image: Callable[[int], SamplingBatch], *, guided: bool,
                grid: tuple[int, int], filtered: bool = True,
                on_row: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
-               admitted: bool = False) -> GenerateJob:
+               admitted: bool = False, since: float | None = None) -> GenerateJob:
         """Queue one request of n images; `image(i)` builds image i's seeded row. A grid
-        beyond the model's makes each image a canvas (relative models only)."""
+        beyond the model's makes each image a canvas (relative models only). `since`: when
+        the request arrived (loop.time(); default now), which its deadline counts from."""
         self.admission.admit(n, admitted, closing=self._stopping)
         loop = self._loop
+        self.admission.check_time(loop, since)
         job = GenerateJob(n, image, guided, grid, loop.create_future(), loop.time(), filtered,
                           on_row)
         canvas = tuple(grid) != self.grid  # each image is a lane's canvas
-        job.timeout_s = (canvas_timeout(self.admission.timeout_s, n * grid[0] * grid[1],
-                                        self.grid[0] * self.grid[1])
-                         if canvas else self.admission.timeout_s)
+        job.timeout_s = self.admission.timeout_s
+        job.since = job.arrival if since is None else min(since, job.arrival)
+        job.cells = n * grid[0] * grid[1] if canvas else 0
         with self._lock:
             (self._canvases if canvas else self._waiting).extend(
                 Image(job, i) for i in range(n))
             self.admission.enter(n)
             self.metrics.queue_depth.labels("generate", self.name).inc(n)
             self._lock.notify_all()
-        self.admission.deadline(loop, job.arrival, self._expire, job, timeout_s=job.timeout_s)
+        self.admission.deadline(loop, job.since, self._expire, job, timeout_s=job.timeout_s)
         return job
 
     def cancel(self, job: GenerateJob, reason: str, error: ServiceError) -> None:
@@ -330,9 +355,29 @@ class GenerationEngine:
         return True
 
     def _expire(self, job: GenerateJob) -> None:
-        if not job.future.done() or job.future.cancelled():
-            self.cancel(job, "deadline", self.admission.timed_out(
-                f"the request did not finish within {job.timeout_s:g} s"))
+        """A deadline check: a request that has not started, or a training-size one that has
+        not finished, leaves with 504; a started canvas is given the time its work takes."""
+        if job.cancelled or (job.future.done() and not job.future.cancelled()):
+            return  # it left already, or finished
+        if job.started is None:
+            message = (f"the request did not start within {job.timeout_s:g} s of its arrival "
+                       "(the server is busy; nothing of it was computed)")
+        elif job.cells:
+            with self._lock:
+                done = job.cells_done
+            now = self._loop.time()
+            check = canvas_deadline(now, job.started, job.cells, done, job.cells_checked,
+                                    job.timeout_s)
+            if check is not None:
+                if now >= job.started + job.timeout_s:  # a check, not the wait for the first
+                    job.cells_checked = done
+                self._loop.call_at(check, self._expire, job)
+                return
+            message = (f"the canvas made no progress since its last deadline check ({done} of "
+                       f"{job.cells} cells sampled in {now - job.started:.3g} s)")
+        else:
+            message = f"the request did not finish within {job.timeout_s:g} s of its arrival"
+        self.cancel(job, "deadline", self.admission.timed_out(message))
 
     # ---- called by the lanes, on their threads ---------------------------------------------
     def lane_ready(self, lane: Lane) -> None:
@@ -377,6 +422,11 @@ class GenerationEngine:
                 self.admission.leave(len(seated))
                 self.metrics.queue_depth.labels("generate", self.name).dec(len(seated))
             return joined
+
+    def progress(self, job: GenerateJob, cells: int) -> None:
+        """A lane sampled `cells` more cells of a canvas of `job` (its deadline reads them)."""
+        with self._lock:
+            job.cells_done += cells
 
     @property
     def waiting(self) -> bool:

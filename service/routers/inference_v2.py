@@ -23,7 +23,8 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..deps import service_of
-from ..errors import RETRY_AFTER, ServiceError
+from ..errors import RETRY_AFTER, ServiceError, v2_error
+from ..lengths import parse_length
 from ..registry import ModelEntry
 from ..schemas import MAX_NAME, MAX_SEED, GenerateRequest
 from .decode import check_grids
@@ -35,13 +36,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 DTYPES = {"UINT8": np.dtype("<u1"), "INT64": np.dtype("<i8")}
 SAMPLING = ("temperature", "top_k", "top_p", "cfg_scale")
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
-
-
-def v2_error(status: int, code: str, message: str, param: str | None = None,
-             headers: dict | None = None) -> Response:
-    status = 400 if status == 422 else status
-    return Response(json.dumps({"error": message}).encode(), status_code=status,
-                    headers=headers, media_type="application/json")
 
 
 def bad(message: str) -> ProtocolError:
@@ -285,14 +279,18 @@ def _parse(body: bytes, headers) -> tuple[InferenceRequest, dict[str, np.ndarray
     if headers.get("content-encoding", "identity").lower() != "identity":
         raise ServiceError(415, "unsupported_media_type", "compressed request bodies are not "
                            "supported; send them uncompressed")
-    size = headers.get(HEADER_LENGTH.lower())
-    if size is None:
+    given = headers.getlist(HEADER_LENGTH.lower())
+    if len(given) > 1:
+        raise bad(f"{HEADER_LENGTH} is given {len(given)} times; send it once")
+    if not given:
         head, rest = body, b""
     else:
-        if not size.isdigit() or int(size) > len(body):
-            raise bad(f"{HEADER_LENGTH} {size!r} is not a length within the body "
-                      f"({len(body)} bytes)")
-        head, rest = body[:int(size)], body[int(size):]
+        size = parse_length(given[0])
+        if size is None or size > len(body):
+            shown = given[0] if len(given[0]) <= 40 else given[0][:40] + "..."
+            raise bad(f"{HEADER_LENGTH} {shown!r} is not a length within the body "
+                      f"({len(body)} bytes): send the JSON header's length in ASCII digits")
+        head, rest = body[:size], body[size:]
     try:
         req = InferenceRequest.model_validate_json(head)
     except ValidationError as e:
@@ -363,6 +361,8 @@ async def _generate(request: Request, svc, entry: ModelEntry, inputs: dict[str, 
     if lengths and n is not None:
         raise bad("parameters.n is for requests without LABEL and SEED: rows are their length")
     rows = lengths.pop() if lengths else (1 if n is None else n)
+    if type(rows) is int and rows > 0:  # the whole request must fit the queue's bound
+        svc.check_room(entry, "generate", rows)
     try:
         first = GenerateRequest.model_validate({"n": rows, **params})  # one check, with names
     except ValidationError as e:

@@ -12,18 +12,20 @@ status OpenAI's clients raise `BadRequestError` for.
 from __future__ import annotations
 
 import json
+import re
 import time
+from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Path, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .. import edits
 from ..deps import service_of
-from ..errors import CODES, ServiceError
+from ..errors import CODES, ServiceError, openai_error
 from ..imaging import header_pixels
 from ..registry import ModelEntry
 from ..responses import b64png, dumps
@@ -35,20 +37,10 @@ from .protocol_route import ProtocolError, error_responses, protocol_route
 STARTED = int(time.time())  # `created` of every model: when this server process started
 MAX_PROMPT = 1000
 DEFAULT_KEEP = 0.5
+SIZE = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")  # "WxH", as OpenAI writes it
 SAMPLING = ("model", "n", "seed", "temperature", "top_k", "top_p", "cfg_scale")
 GENERATION_FIELDS = frozenset({*SAMPLING, "prompt", "size", "response_format"})
 VARIATION_FIELDS = GENERATION_FIELDS | {"image", "keep"}
-
-
-def openai_error(status: int, code: str, message: str, param: str | None = None,
-                 headers: dict | None = None) -> Response:
-    """OpenAI's error body; the native API's 422 becomes a 400."""
-    status = 400 if status == 422 else status
-    kind = ("authentication_error" if status == 401 else "server_error" if status >= 500
-            else "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return Response(json.dumps(body).encode(), status_code=status, headers=headers,
-                    media_type="application/json")
 
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=protocol_route(openai_error))
@@ -66,21 +58,29 @@ class OpenAIError(BaseModel):
     error: OpenAIErrorDetail
 
 
+# the sampling fields as POST /generate bounds them: the schema says what the server takes
+_SAMPLING_FIELDS = {name: GenerateRequest.model_fields[name] for name in (
+    "seed", "temperature", "top_k", "top_p", "cfg_scale")}
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$"
+
+
 class ImageGenerationRequest(BaseModel):
-    prompt: str = Field("", max_length=MAX_PROMPT, description=(
+    model_config = ConfigDict(extra="forbid")  # an unknown field is refused, by name
+
+    prompt: str = Field(max_length=MAX_PROMPT, description=(
         "A class of the model, by name or index (\"7\", \"Sneaker\"); empty for unconditional."))
     model: str | None = Field(None, max_length=MAX_NAME, description="Default: the server's.")
     n: int = Field(1, ge=1, le=64)
-    size: str | None = Field(None, description=(
-        "\"WxH\" in pixels: the model's size (default), or a larger canvas of whole tokens "
-        "up to max_grid (sliding-window sampling)."), examples=["28x28"])
-    response_format: str | None = Field("b64_json", description=(
+    size: str | None = Field(None, pattern=SIZE_PATTERN, description=(
+        "\"WxH\" in pixels: the model's size (default, or \"auto\"), or a larger canvas of "
+        "whole tokens up to max_grid (sliding-window sampling)."), examples=["28x28"])
+    response_format: Literal["b64_json"] | None = Field("b64_json", description=(
         "b64_json; url is refused (nothing is stored)."))
-    seed: int | None = Field(None, description="As in POST /generate: image i uses seed + i.")
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    cfg_scale: float | None = None
+    seed: int | None = _SAMPLING_FIELDS["seed"]
+    temperature: float | None = _SAMPLING_FIELDS["temperature"]
+    top_k: int | None = _SAMPLING_FIELDS["top_k"]
+    top_p: float | None = _SAMPLING_FIELDS["top_p"]
+    cfg_scale: float | None = _SAMPLING_FIELDS["cfg_scale"]
 
 
 class ImageData(BaseModel):
@@ -109,17 +109,25 @@ class OpenAIModelList(BaseModel):
     data: list[OpenAIModel]
 
 
+def _form_field(name: str) -> dict:
+    """A sampling field's schema, bounds included, for the multipart form."""
+    schema = ImageGenerationRequest.model_json_schema()["properties"][name]
+    options = [o for o in schema.get("anyOf", [schema]) if o.get("type") != "null"]
+    return {**options[0], **({"description": schema["description"]}
+                             if "description" in schema else {})}
+
+
 _VARIATION_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {
-    "schema": {"type": "object", "required": ["image"], "properties": {
+    "schema": {"type": "object", "required": ["image"], "additionalProperties": False,
+               "properties": {
         "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP."},
         "model": {"type": "string"}, "n": {"type": "integer", "minimum": 1, "maximum": 64},
-        "size": {"type": "string"}, "response_format": {"type": "string"},
+        "size": {"type": "string", "pattern": SIZE_PATTERN},
+        "response_format": {"type": "string", "enum": ["b64_json"]},
         "keep": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": (
             f"Share of the image's tokens kept, in raster order (default {DEFAULT_KEEP}).")},
         "prompt": {"type": "string", "description": "A class, as for generations."},
-        "seed": {"type": "integer"}, "temperature": {"type": "number"},
-        "top_k": {"type": "integer"}, "top_p": {"type": "number"},
-        "cfg_scale": {"type": "number"}}}}}}}
+        **{name: _form_field(name) for name in _SAMPLING_FIELDS}}}}}}}
 
 ERRORS = error_responses(OpenAIError, 400, 401, 404, 413, 415, 503, 504)
 
@@ -359,7 +367,8 @@ def _generate_request(svc, request: Request, fields: dict
     entry = svc.model(req.model, request)
     label = _label(entry, fields.get("prompt", ""))
     h, w = entry.image_size
-    size = fields.get("size") or "auto"
+    size = fields.get("size")
+    size = "auto" if size is None else size
     grid = None
     if size != "auto":
         grid = _grid(svc, entry, size)
@@ -378,7 +387,8 @@ def _label(entry: ModelEntry, prompt) -> int | None:
         return None
     classes = list(entry.bundle.classes)
     try:
-        return entry.class_index(text if text in classes or not text.isdigit() else int(text))
+        index = text.isascii() and text.isdigit() and text not in classes
+        return entry.class_index(int(text) if index else text)
     except ValueError:
         raise ProtocolError(400, "invalid_request", (
             f"prompt {text!r} is no class of model {entry.name!r}: it generates classes "
@@ -391,10 +401,12 @@ def _grid(svc, entry: ModelEntry, size) -> list[int] | None:
     (h, w), (rows, cols) = entry.image_size, entry.grid
     ds_h, ds_w = h // rows, w // cols
     max_rows, max_cols = entry.max_grid
-    try:
-        width, height = (int(v) for v in str(size).lower().split("x"))
-    except ValueError:
-        width = height = -1
+    match = SIZE.fullmatch(size) if isinstance(size, str) and size.isascii() else None
+    if match is None:
+        raise ProtocolError(400, "invalid_request", (
+            f"size {str(size)[:40]!r} is not \"WxH\": two whole numbers of pixels in ASCII "
+            f"digits joined by x, as \"{w}x{h}\""), "size")
+    width, height = int(match[1]), int(match[2])
     if (width, height) == (w, h):
         return None
     if (width < w or height < h or width % ds_w or height % ds_h

@@ -1,13 +1,15 @@
 """Routes that answer errors in another protocol's shape (/v1: OpenAI's, /v2: KServe's).
 
 The handlers raise the service's own errors (`ServiceError`, FastAPI's validation errors);
-`protocol_route(shape)` makes an APIRoute class whose handler turns those into `shape`'s
-answer, dependencies (the API-key check) included, so each protocol's clients read the
-message where they look for it. The native routes keep the one native shape.
+`protocol_route(shape)` makes an APIRoute class whose handler turns those, and any other
+exception (a 500), into `shape`'s answer, dependencies (the API-key check) included, so each
+protocol's clients read the message where they look for it. The native routes keep the
+native shape.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +20,8 @@ from starlette.responses import Response
 
 from ..errors import ServiceError, describe_validation
 from . import _DESCRIPTIONS
+
+log = logging.getLogger("taming.errors")
 
 # (status, code, message, param, headers) -> the protocol's error answer
 ErrorShape = Callable[[int, str, str, "str | None", "dict | None"], Response]
@@ -47,6 +51,9 @@ def protocol_route(shape: ErrorShape) -> type[APIRoute]:
                     loc = errors[0].get("loc", ()) if errors else ()
                     return shape(422, "invalid_request", describe_validation(errors),
                                  str(loc[-1]) if loc else None, None)
+                except Exception:  # a bug: its 500 in the protocol's shape, not the native one
+                    log.exception("unhandled error on %s", request.url.path)
+                    return shape(500, "internal_error", "internal server error", None, None)
 
             return answer
 

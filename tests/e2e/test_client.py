@@ -483,11 +483,12 @@ def rejected(base: str, reason: str) -> float:
 
 def test_503_is_retried_after_retry_after_within_the_budget(client_env, tmp_path):
     proc, base = start_server(TAMING_CHECKPOINT_DIR=tiny_root(), TAMING_MODELS="mnist",
-                              TAMING_GENERATE_SLOTS=1, TAMING_MAX_QUEUE=1,
+                              TAMING_GENERATE_SLOTS=1, TAMING_MAX_QUEUE=8,
                               TAMING_SHUTDOWN_GRACE_S=30)
     try:
-        # four requests of 8 images at once, one image sampled at a time and a queue of one
-        # image: while the first one's images wait, the others are refused
+        # four requests of 8 images at once, few images sampled at a time and a queue of 8
+        # images (a request fits only an empty queue): while the first one's images wait,
+        # the others are refused
         got = py(client_env, "BUDGET = 0\n" + client_code(OVERLOAD, base, None), tmp_path)
         refused = [r for r in got if r[0] != "ok"]
         assert refused, got

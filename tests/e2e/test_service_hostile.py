@@ -1,6 +1,6 @@
 """Hostile requests against a real server process (`python -m service`, uvicorn, the shipped
-mnist checkpoint): decompression bombs, bodies over the size limit, and connections that
-never finish their request header."""
+mnist checkpoint): decompression bombs, bodies over the size limit, connections that never
+finish their request header or their body, and bytes uvicorn's parser refuses."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ from service.png import png_bytes
 pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT_S = 2.0  # the server's TAMING_HEADER_TIMEOUT_S (default 10)
+# the server's TAMING_BODY_TIMEOUT_S (default 20): past the time the header test below keeps
+# a body on its way (the half-open connections closing, a few seconds)
+BODY_TIMEOUT_S = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,8 @@ def server() -> Iterator[tuple[str, int]]:
     port = free_port()
     env = dict(os.environ, HOST="127.0.0.1", PORT=str(port), PYTHONPATH=str(ROOT),
                TAMING_CHECKPOINT_DIR=str(REAL), TAMING_MODELS="mnist", TAMING_TORCH_THREADS="1",
-               TAMING_LOG_LEVEL="warning", TAMING_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S))
+               TAMING_LOG_LEVEL="warning", TAMING_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+               TAMING_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S))
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
@@ -293,3 +297,112 @@ def test_a_late_header_on_a_kept_alive_connection_gets_408(server):
         data, at = _answer(s, 30)
     assert data.startswith(b"HTTP/1.1 408 "), data
     assert HEADER_TIMEOUT_S - 0.1 <= at - t0 < HEADER_TIMEOUT_S + 5
+
+
+# ---- bodies that never finish -----------------------------------------------------------------
+SLOW_BODIES = 100
+
+
+def test_slow_bodies_get_408_and_close_at_the_body_timeout_while_requests_and_healthz_carry_on(
+        server):
+    """A complete header with Content-Length: 100000, then a byte now and then: no answer and
+    no close, ever (300 such held 300 requests in flight). Now each gets 408 and its
+    connection closes at TAMING_BODY_TIMEOUT_S, while a request in flight gets its 200 and a
+    kept-alive client's /healthz answers throughout."""
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    slow = []
+    for i in range(SLOW_BODIES):
+        s = socket.create_connection(("127.0.0.1", port))
+        path = "/generate" if i % 2 else "/v2/models/mnist-decode/infer"
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  "Content-Length: 100000\r\n\r\n{".encode())
+        s.setblocking(False)
+        slow.append(s)
+    opened = time.perf_counter()
+    answers: dict[int, bytes] = {}
+    closed: dict[int, float] = {}
+    health: list[float] = []
+    with httpx.Client(base_url=base, timeout=30) as client, \
+            selectors.DefaultSelector() as sel:
+        for i, s in enumerate(slow):
+            sel.register(s, selectors.EVENT_READ, i)
+        inflight = None
+        last_byte = time.perf_counter()
+        while len(closed) < SLOW_BODIES and time.perf_counter() - opened < BODY_TIMEOUT_S + 10:
+            if inflight is None and time.perf_counter() - opened > BODY_TIMEOUT_S / 2:
+                # sent while the slow ones hold their connections, answered before they end
+                inflight = client.post("/generate", json={"n": 2, "seed": 1},
+                                       headers={"Accept": "application/json"})
+            if time.perf_counter() - last_byte > 1.0:  # a byte a second on each
+                last_byte = time.perf_counter()
+                for i, s in enumerate(slow):
+                    if i not in closed:
+                        try:
+                            s.send(b" ")
+                        except OSError:
+                            pass
+            t0 = time.perf_counter()
+            assert client.get("/healthz").status_code == 200
+            health.append(time.perf_counter() - t0)
+            for key, _ in sel.select(timeout=0.05):
+                try:
+                    chunk = key.fileobj.recv(4096)
+                except ConnectionResetError:
+                    chunk = b""
+                answers[key.data] = answers.get(key.data, b"") + chunk
+                if not chunk:
+                    closed[key.data] = time.perf_counter() - opened
+                    sel.unregister(key.fileobj)
+        metrics = client.get("/metrics").text
+    for s in slow:
+        s.close()
+    assert inflight is not None and inflight.status_code == 200, inflight
+    assert len(inflight.json()["images"]) == 2
+    assert len(closed) == SLOW_BODIES
+    for i in range(SLOW_BODIES):
+        head, _, rest = answers[i].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), answers[i]
+        assert b"connection: close" in head.lower()
+        error = json.loads(rest)["error"]
+        if i % 2:
+            assert error["code"] == "request_timeout" and "body" in error["message"]
+        else:  # /v2: the Open Inference Protocol's shape
+            assert isinstance(error, str) and "body" in error
+    assert min(closed.values()) >= BODY_TIMEOUT_S - 0.5, min(closed.values())
+    assert max(closed.values()) < BODY_TIMEOUT_S + 5, max(closed.values())
+    assert max(health) < 0.5, max(health)
+    assert "taming_in_flight_requests 0.0" in metrics
+
+
+# ---- bytes the HTTP parser refuses ---------------------------------------------------------------
+def _raw(port: int, data: bytes) -> tuple[bytes, dict | str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        answer, _ = _answer(s, 10)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost t\r\n\r\n",  # a header without a colon
+    b"GET /healthz HTTP/1.1\r\nHost: t\r\nX\x01Y: z\r\n\r\n",  # a control byte in a name
+    b"POST /decode HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /decode HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /decode HTTP/1.1\r\nHost: t\r\nContent-Length: \xb2\r\n\r\n{}",
+    b"POST /decode HTTP/1.1\r\nHost: t\r\nContent-Length: " + b"1" * 4301 + b"\r\n\r\n{}",
+], ids=["no colon", "control byte", "two lengths", "a length twice", "superscript length",
+        "4301-digit length"])
+def test_what_the_parser_refuses_is_a_json_400_and_a_close(server, request_bytes):
+    head, error = _raw(int(server[0].rsplit(":", 1)[1]), request_bytes)
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"content-type: application/json" in head.lower()
+    assert b"connection: close" in head.lower()
+    assert error["code"] == "bad_request" and error["message"], error
+
+
+def test_a_malformed_request_to_v2_is_answered_in_the_v2_shape(server):
+    head, error = _raw(int(server[0].rsplit(":", 1)[1]),
+                       b"POST /v2/models/mnist-decode/infer HTTP/1.1\r\nHost t\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert isinstance(error, str) and "HTTP" in error, error

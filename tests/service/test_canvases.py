@@ -1,7 +1,7 @@
 """Canvases over HTTP, on the shipped landscapes model: a grid beyond the model's samples in
 the step engine with the cached sliding window, gets the same pixels alone or beside other
-work, streams its rows as strips, leaves when its client does, never starves small requests,
-and stays within its model's limits and its own deadline."""
+work, streams its rows as strips, leaves when its client does (counted 499), never starves
+small requests, stays within its model's limits, and gets deadlines that follow its work."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from models.canvas import canvas_reference, generate_canvas
 from models.checkpoint import load_bundle
 from models.sampling import make_batch
 from service.app import create_app
-from service.engine.lanes import canvas_timeout
+from service.engine.lanes import CANVAS_SLACK, canvas_deadline
 
 JSON = {"Accept": "application/json"}
 STREAM = {"Accept": "text/event-stream"}
@@ -131,6 +131,8 @@ def test_streamed_canvas_rows_are_strips_and_done_is_the_plain_answer(server):
 def test_a_canvas_whose_client_leaves_frees_its_lane(server):
     m0 = httpx.get(f"{server}/metrics").text
     gone0 = metric(m0, "taming_rejected_total", reason="client_gone")
+    left0 = metric(m0, "taming_requests_total", endpoint="/generate", status="499")
+    ok0 = metric(m0, "taming_requests_total", endpoint="/generate", status="200")
     with httpx.stream("POST", f"{server}/generate", headers=STREAM, timeout=60,
                       json={"model": "landscapes", "grid": [128, 128], "seed": 1}) as s:
         for line in s.iter_lines():
@@ -145,7 +147,25 @@ def test_a_canvas_whose_client_leaves_frees_its_lane(server):
         time.sleep(0.05)
     assert metric(m, "taming_rejected_total", reason="client_gone") == gone0 + 1
     assert metric(m, "taming_slots_active", model="landscapes") == 0
+    # it read a 200 status line and one row, then left: counted (and logged) as 499
+    assert metric(m, "taming_requests_total", endpoint="/generate", status="499") == left0 + 1
+    assert metric(m, "taming_requests_total", endpoint="/generate", status="200") == ok0
     assert canvas(server, (18, 18), 2).status_code == 200  # the lane serves again
+
+
+def test_a_client_that_leaves_a_plain_canvas_request_is_counted_499(server):
+    m0 = httpx.get(f"{server}/metrics").text
+    left0 = metric(m0, "taming_requests_total", endpoint="/generate", status="499")
+    with pytest.raises(httpx.ReadTimeout):  # it leaves while its canvas samples
+        httpx.post(f"{server}/generate", json={"model": "landscapes", "grid": [96, 96]},
+                   headers=JSON, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = httpx.get(f"{server}/metrics").text
+        if metric(m, "taming_requests_total", endpoint="/generate", status="499") > left0:
+            break
+        time.sleep(0.05)
+    assert metric(m, "taming_requests_total", endpoint="/generate", status="499") == left0 + 1
 
 
 @pytest.mark.slow
@@ -184,25 +204,64 @@ def test_canvas_limits_come_from_the_models_config(server):
                       timeout=60).status_code == 422
 
 
-def test_a_canvas_deadline_grows_with_its_cells():
-    assert canvas_timeout(30.0, 256, 256) == 30.0  # a training grid's worth: the timeout
-    assert canvas_timeout(30.0, 128 * 128, 256) == 120.0  # a megapixel landscape: 4x
-    assert canvas_timeout(30.0, 4 * 256 * 256, 256) == 1920.0  # n=4 of the largest
+def test_a_started_canvas_is_judged_by_its_progress_not_a_fixed_time():
+    started, timeout = 100.0, 30.0
+    # before a request timeout of sampling: the first check comes then
+    assert canvas_deadline(110.0, started, 4096, 500, 0, timeout) == 130.0
+    # at a check: twice its remaining cells at its measured rate, plus a timeout
+    rate = 2048 / 30.0
+    assert canvas_deadline(130.0, started, 4096, 2048, 0, timeout) == pytest.approx(
+        130.0 + CANVAS_SLACK * 2048 / rate + timeout)
+    # all its cells sampled (it decodes): a timeout more
+    assert canvas_deadline(190.0, started, 4096, 4096, 2048, timeout) == 190.0 + timeout
+    # no progress since the last check: cut
+    assert canvas_deadline(190.0, started, 4096, 2048, 2048, timeout) is None
+    assert canvas_deadline(130.0, started, 4096, 0, 0, timeout) is None
 
 
 @pytest.mark.slow
-def test_a_canvas_past_its_deadline_leaves_with_504():
-    app = create_app(settings(**models(), compile=False, request_timeout_s=0.2))
+def test_canvas_deadlines_follow_the_work_under_load():
+    """Under load (mnist requests in a loop), with a request timeout of 1 s: a canvas that
+    takes several times that to sample gets its answer (the old rule, a fixed timeout per 16
+    training grids of cells, cut it at 1 s), and a canvas that waits for the only lane past
+    the timeout leaves with 504 having cost nothing."""
+    app = create_app(settings(**models(), compile=False, request_timeout_s=1.0))
+    times: dict[str, float] = {}
 
     async def go():
         async with async_client(app) as c:
-            r = await c.post("/generate", json={"model": "landscapes", "grid": [64, 64]},
-                             headers=JSON)
-            await asyncio.sleep(0.3)
-            return r, (await c.get("/metrics")).text
+            done = asyncio.Event()
 
-    r, m = asyncio.run(go())
-    assert r.status_code == 504 and "0.2 s" in r.json()["error"]["message"]
+            async def load() -> list[int]:
+                codes = []
+                while not done.is_set():
+                    codes.append((await c.post("/generate", json={"model": "mnist", "n": 4},
+                                               headers=JSON)).status_code)
+                return codes
+
+            async def timed(name: str, grid, delay: float) -> httpx.Response:
+                await asyncio.sleep(delay)
+                t0 = time.monotonic()
+                r = await c.post("/generate", json={"model": "landscapes", "grid": grid,
+                                                    "seed": 4}, headers=JSON)
+                times[name] = time.monotonic() - t0
+                return r
+
+            loader = asyncio.ensure_future(load())
+            big = asyncio.ensure_future(timed("big", [48, 48], 0.0))
+            late = await timed("late", [24, 24], 0.2)  # one lane: it waits behind the big one
+            r = await big
+            done.set()
+            return r, late, await loader, (await c.get("/metrics")).text
+
+    r, late, codes, m = asyncio.run(go())
+    assert r.status_code == 200, r.text
+    assert times["big"] > 1.5, times  # it outlived the request timeout, and was not cut
+    message = late.json()["error"]["message"]
+    assert late.status_code == 504 and "did not start within 1 s" in message, late.text
+    assert times["late"] < 3.0, times  # refused at its waiting deadline, not after the big one
+    assert metric(m, "taming_rejected_total", reason="deadline") >= 1
+    assert codes and codes.count(200) >= len(codes) // 2, codes
     assert metric(m, "taming_slots_active", model="landscapes") == 0
 
 

@@ -180,8 +180,16 @@ def test_full_queue_is_503_with_retry_after(bench):
         assert int(err.value.headers["Retry-After"]) >= 1
         assert (await e.result(first))["x"].tolist() == [2, 4]
         assert e.metrics.rejected.labels("queue_full")._value.get() == 1
-        # one job bigger than the whole queue still runs when it is alone
-        assert (await e.result(_job(e, r, [1] * 5)))["x"].tolist() == [2] * 5
+        # a job bigger than the whole queue can never be queued: refused as such, even by an
+        # empty queue (the bound holds for every job), and not counted as a refusal for load
+        with pytest.raises(ServiceError) as err:
+            _job(e, r, [1] * 4)
+        assert err.value.status == 422 and err.value.code == "too_many_images"
+        assert "TAMING_MAX_QUEUE" in err.value.message and "3" in err.value.message
+        assert e.admission.queued == 0
+        assert e.metrics.rejected.labels("queue_full")._value.get() == 1
+        # one exactly as large as the bound is queued when the queue is empty
+        assert (await e.result(_job(e, r, [1] * 3)))["x"].tolist() == [2] * 3
     bench.run(main())
 
 
@@ -568,14 +576,14 @@ def test_64_identical_seeded_requests_at_once_give_64_identical_answers():
 
 
 def test_full_queue_over_http_is_503_with_retry_after():
-    app = create_app(settings(**tiny_models("mnist"), max_queue=2, max_wait_ms=1000,
-                              generate_slots=1))
+    app = create_app(settings(**tiny_models("mnist"), max_queue=64, max_wait_ms=1000,
+                              generate_slots=1, max_batch_size=128))
 
     async def main():
         async with async_client(app) as c:
             patient(app)
-            # the collector: a decode of two grids waits for company, filling the queue
-            first = asyncio.ensure_future(c.post("/decode", json={"tokens": [GRID, GRID]}))
+            # the collector: a decode of 64 grids waits for company, filling the queue
+            first = asyncio.ensure_future(c.post("/decode", json={"tokens": [GRID] * 64}))
             await _until(c, "taming_queue_depth", operation="decode", model="mnist")
             r = await c.post("/decode", json={"tokens": GRID})
             err = assert_error(r, 503, "overloaded")
@@ -584,7 +592,7 @@ def test_full_queue_over_http_is_503_with_retry_after():
             # the generation engine: 64 images through one slot, most of them waiting
             first = asyncio.ensure_future(c.post("/generate", json={"seed": 1, "n": 64}))
             await _until(c, "taming_queue_depth", operation="generate", model="mnist")
-            r = await c.post("/generate", json={"seed": 2})
+            r = await c.post("/generate", json={"seed": 2, "n": 3})
             err = assert_error(r, 503, "overloaded")
             assert "queue" in err["message"] and int(r.headers["retry-after"]) >= 1
             assert (await first).status_code == 200
@@ -639,14 +647,14 @@ def test_max_queue_bounds_every_queue_together_when_two_models_and_the_tokenizer
 def test_a_full_queue_refuses_before_reading_the_body():
     """Under a retry storm a refusal must be cheap: no multipart parsing, no image decoding,
     no sampling settings checked."""
-    app = create_app(settings(**tiny_models("mnist"), max_queue=2, max_wait_ms=1000,
-                              generate_slots=1))
+    app = create_app(settings(**tiny_models("mnist"), max_queue=64, max_wait_ms=1000,
+                              generate_slots=1, max_batch_size=128))
     not_png = {"content-type": "image/png"}
 
     async def main():
         async with async_client(app) as c:
             patient(app)
-            first = asyncio.ensure_future(c.post("/decode", json={"tokens": [GRID, GRID]}))
+            first = asyncio.ensure_future(c.post("/decode", json={"tokens": [GRID] * 64}))
             await _until(c, "taming_queue_depth", operation="decode", model="mnist")
             # bodies that would be 422 if they were read: the queue answers first
             assert_error(await c.post("/encode", content=b"not an image", headers=not_png),
@@ -655,7 +663,8 @@ def test_a_full_queue_refuses_before_reading_the_body():
             assert (await first).status_code == 200
             first = asyncio.ensure_future(c.post("/generate", json={"seed": 1, "n": 64}))
             await _until(c, "taming_queue_depth", operation="generate", model="mnist")
-            assert_error(await c.post("/generate", json={"label": 99}), 503, "overloaded")
+            assert_error(await c.post("/generate", json={"label": 99, "n": 3}), 503,
+                         "overloaded")
             assert (await first).status_code == 200
             # with room again, the same bodies get their own answers
             assert_error(await c.post("/encode", content=b"not an image", headers=not_png), 422)
