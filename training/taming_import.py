@@ -287,13 +287,31 @@ def transformer_config(params: dict, tok: TamingVQGANConfig) -> TransformerSpec:
 
 
 # ---- the weights -------------------------------------------------------------------------------
+class Reads(dict):
+    """A state dict that remembers which tensors were read, so that none is left over."""
+
+    def __init__(self, items: dict) -> None:
+        super().__init__(items)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def check_all_read(self, what: str, ignored: tuple[str, ...] = ()) -> None:
+        left = sorted(k for k in set(self) - self.read if not k.startswith(ignored))
+        if left:
+            raise TamingImportError(f"{what}: the checkpoint holds tensors its config does not "
+                                    f"describe ({left[:3]})")
+
+
 def _stack(sd: dict, src: str, parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
     return {s: torch.cat([sd[f"{src}.{p}.{s}"] for p in parts]) for s in ("weight", "bias")}
 
 
 def tokenizer_weights(sd: dict, prefix: str, cfg: TamingVQGANConfig) -> dict[str, torch.Tensor]:
     """The reference's first-stage tensors (under `prefix`) under this model's names."""
-    src = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    src = Reads({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
     out: dict[str, torch.Tensor] = {}
     n = len(cfg.ch_mult)
 
@@ -337,6 +355,7 @@ def tokenizer_weights(sd: dict, prefix: str, cfg: TamingVQGANConfig) -> dict[str
         if name in src:
             out["quantizer.codebook"] = src[name]
     conv("quantizer.proj", "quantize.proj")
+    src.check_all_read("tokenizer", ("loss.",))  # the training losses' weights are not served
     return out
 
 
@@ -345,14 +364,14 @@ def transformer_weights(sd: dict, spec: TransformerSpec) -> dict[str, torch.Tens
     first, as our forward splits it), positions cut to the training sequence, the embedding
     and head cut to the ids a shared vocabulary uses."""
     cfg = spec.config
-    src = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    src = Reads({k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")})
     K, T = cfg.codebook_size, cfg.seq_len
     out = {"tok_emb.weight": src["tok_emb.weight"][:K], "head.weight": src["head.weight"][:K],
            "pos_emb.weight": src["pos_emb"].reshape(-1, cfg.d_model)[:T],
            "ln_f.weight": src["ln_f.weight"], "ln_f.bias": src["ln_f.bias"]}
     for i in range(cfg.n_layer):
         b = f"blocks.{i}"
-        mask = src.get(f"{b}.attn.mask")
+        mask = src[f"{b}.attn.mask"] if f"{b}.attn.mask" in src else None
         if mask is not None and not torch.equal(mask.reshape(mask.shape[-2:]),
                                                 torch.tril(torch.ones(mask.shape[-2:]))):
             raise TamingImportError(f"layer {i}'s attention mask is not causal")
@@ -362,6 +381,7 @@ def transformer_weights(sd: dict, spec: TransformerSpec) -> dict[str, torch.Tens
             out[f"{b}.mlp.fc.{p}"], out[f"{b}.mlp.proj.{p}"] = src[f"{b}.mlp.0.{p}"], src[f"{b}.mlp.2.{p}"]
         for p, t in _stack(src, f"{b}.attn", ("query", "key", "value")).items():
             out[f"{b}.attn.qkv.{p}"] = t
+    src.check_all_read("transformer")
     return out
 
 
