@@ -132,6 +132,10 @@ class ModelInfo(BaseModel):
     digest: str = Field(description="Digest of the weight files.")
     device: str
     evaluation: dict[str, Any] = Field(description="Measured results from config.json.")
+    memory: dict[str, int] = Field(default_factory=dict, description=(
+        "What the model holds: weights_bytes, kv_cache_bytes (its generation slots' static "
+        "KV cache), total_bytes, and slots (images sampled at once; TAMING_GENERATE_SLOTS, "
+        "or fewer where the device's free memory holds fewer)."))
 
 
 class ModelList(BaseModel):
