@@ -408,10 +408,15 @@ def locate(source: Path, config: Path | None) -> tuple[Path, Path]:
         if not ckpt.is_file():
             raise TamingImportError(f"{source}: no checkpoints/last.ckpt")
         if config is None:
-            found = sorted((source / "configs").glob("*-project.yaml"))
-            if not found:
-                raise TamingImportError(f"{source}: no configs/*-project.yaml")
-            config = found[-1]  # a resumed run writes a newer one beside the first
+            # a run's log folder holds <stamp>-project.yaml (a resumed run a newer one beside
+            # the first); the tokenizer downloads ship one configs/model.yaml
+            found = sorted((source / "configs").glob("*-project.yaml")) or [
+                p for p in sorted((source / "configs").glob("*.yaml"))
+                if not p.name.endswith("-lightning.yaml")]
+            if not found or (len(found) > 1 and not found[-1].name.endswith("-project.yaml")):
+                raise TamingImportError(f"{source}: no configs/*-project.yaml (nor a single "
+                                        "configs/*.yaml); name it with --config")
+            config = found[-1]
         return ckpt, config
     if not source.is_file():
         raise TamingImportError(f"{source}: no such file or folder")

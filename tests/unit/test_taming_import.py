@@ -130,3 +130,14 @@ def test_the_cli_refusals(log, tmp_path, capsys):
 def test_the_shipped_imagenet_classes(root):
     names = (root / "training" / "imagenet_classes.txt").read_text().splitlines()
     assert len(names) == 1000 and names[0].startswith("tench") and names[-1].startswith("toilet tissue")
+
+
+def test_a_tokenizer_download_with_configs_model_yaml(tmp_path):
+    log = ref.save_log_folder(ref.tiny("vq", 4), tmp_path / "vqgan_imagenet_f16_16384")
+    project = next((log / "configs").glob("*-project.yaml"))
+    project.rename(log / "configs" / "model.yaml")
+    out = import_taming(log, tmp_path / "out")
+    assert (out / "configs" / "model.yaml").is_file() and not (out / "transformer.safetensors").exists()
+    (log / "configs" / "other.yaml").write_text("model: {}\n")
+    with pytest.raises(TamingImportError, match="--config"):
+        import_taming(log, tmp_path / "out2")
