@@ -188,3 +188,17 @@ def test_encode_then_decode_through_the_paper_tokenizer(served):
     assert r.status_code == 200
     theirs = models["gumbel"].pixels(torch.tensor(tokens)).numpy()[0]
     assert np.abs(png_array(r.content).astype(np.float64) - theirs).max() <= 1.0
+
+
+def test_a_wider_canvas_slides_the_paper_window(served):
+    """Beyond the training grid an absolute-position model samples with the paper's
+    re-forwarding window: the cells whose window is the training grid's own corner (row 0,
+    columns 0..4 of an 8x8 window) are the reference's greedy ones."""
+    client, models = served
+    r = client.post("/generate", json={"model": "uncond", "top_k": 1, "grid": [8, 10]},
+                    headers=JSON)
+    assert r.status_code == 200, r.text
+    tokens = r.json()["images"][0]["tokens"]
+    assert len(tokens) == 8 and all(len(row) == 10 for row in tokens)
+    expected = models["uncond"].greedy(models["uncond"].sos_token, 64).view(8, 8)
+    assert tokens[0][:5] == expected[0, :5].tolist()
