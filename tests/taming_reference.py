@@ -4,7 +4,9 @@ folder: `configs/<stamp>-project.yaml` and a Lightning-style `checkpoints/last.c
 pickle names classes that are not installed (pytorch_lightning, omegaconf).
 
 The reference's minGPT imports `top_k_top_p_filtering` from `transformers`, which only its
-sampling helpers use: a stand-in module answers that import, and nothing here calls it.
+sampling helpers use: a stand-in module answers that import (and leaves sys.modules right
+after, so that nothing else in the test process mistakes it for the library), and nothing
+here calls it.
 """
 
 from __future__ import annotations
@@ -17,19 +19,29 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import yaml
+from taming.modules.diffusionmodules.model import Decoder, Encoder
+from taming.modules.vqvae.quantize import GumbelQuantize, VectorQuantizer2
 
-if "transformers" not in sys.modules:
-    _stub = types.ModuleType("transformers")
 
-    def _unused(*args, **kwargs):
-        raise AssertionError("the tests never use the reference's top-k/top-p filter")
+def _import_mingpt():
+    stubbed = "transformers" not in sys.modules
+    if stubbed:
+        stub = types.ModuleType("transformers")
 
-    _stub.top_k_top_p_filtering = _unused
-    sys.modules["transformers"] = _stub
+        def unused(*args, **kwargs):
+            raise AssertionError("the tests never use the reference's top-k/top-p filter")
 
-from taming.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
-from taming.modules.transformer.mingpt import GPT as MinGPT  # noqa: E402
-from taming.modules.vqvae.quantize import GumbelQuantize, VectorQuantizer2  # noqa: E402
+        stub.top_k_top_p_filtering = unused
+        sys.modules["transformers"] = stub
+    try:
+        from taming.modules.transformer.mingpt import GPT
+    finally:
+        if stubbed:
+            del sys.modules["transformers"]
+    return GPT
+
+
+MinGPT = _import_mingpt()
 
 # the structure of the published configs, at a size two CPU cores run in seconds
 DDCONFIG = {"double_z": False, "z_channels": 16, "resolution": 32, "in_channels": 3,
