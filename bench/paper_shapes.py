@@ -54,8 +54,9 @@ def sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
+def best_of(fn, repeats: int, warm: bool = True) -> float:
+    if warm:
+        fn()
     times = []
     for _ in range(repeats):
         sync()
@@ -70,6 +71,13 @@ def matmul_rate(n: int, repeats: int = 5) -> float:
     """Best FLOP/s of an (n, n) @ (n, n) float32 product."""
     a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     return 2 * n**3 / best_of(lambda: torch.mm(a, b), repeats)
+
+
+def report(r: dict) -> dict:
+    print(f"{r['part']:18} batch {r['batch']:3}: {r['images_per_s']:8.3f} images/s, "
+          f"{r['gflop_per_image']:7.1f} GFLOP/image, {100 * r['share_of_matmul_rate']:5.1f}% "
+          f"of the matmul rate ({r['matmul_gflops']:.0f} GFLOP/s beside it)", flush=True)
+    return r
 
 
 def flops_of(fn) -> int:
@@ -87,18 +95,21 @@ def tokenizer(shape: dict, batches: list[int], repeats: int, rate) -> list[dict]
     h, w = vq.config.grid
     side = vq.config.resolution
     params = sum(p.numel() for p in vq.parameters())
-    rows = []
+    rows, per_image = [], {}
     for b in batches:
         ids = torch.randint(0, vq.config.n_embed, (b, h, w), device=DEVICE)
         pixels = torch.randint(0, 256, (b, side, side, 3), dtype=torch.uint8, device=DEVICE)
         for op, fn in (("decode", lambda ids=ids: vq.decode_pixels(ids)),
                        ("encode", lambda px=pixels: vq.encode_pixels(px))):
-            flops = flops_of(fn)
+            if op not in per_image:  # counted once, on the first batch (it is linear in it)
+                per_image[op] = flops_of(fn) / b
+            flops = per_image[op] * b
             r = rate()
             s = best_of(fn, repeats)
-            rows.append({"part": f"tokenizer {op}", "batch": b, "params": params,
-                         "seconds": s, "images_per_s": b / s, "gflop_per_image": flops / b / 1e9,
-                         "matmul_gflops": r / 1e9, "share_of_matmul_rate": flops / s / r})
+            rows.append(report({"part": f"tokenizer {op}", "batch": b, "params": params,
+                                "seconds": s, "images_per_s": b / s,
+                                "gflop_per_image": per_image[op] / 1e9, "matmul_gflops": r / 1e9,
+                                "share_of_matmul_rate": flops / s / r}))
     return rows
 
 
@@ -112,8 +123,6 @@ def transformer(shape: dict, grid: tuple[int, int], batches: list[int], rate) ->
     per_token = L * (24 * d * d + 4 * T * d) + 2 * d * K
     params = sum(p.numel() for p in gpt.parameters())
     out = []
-    small = make_batch(cfg, 1, grid)
-    generate(gpt, small)  # first-call costs (allocator, kernels) outside the timings
     for b in batches:
         batch = make_batch(cfg, b, grid, top_k=min(250, K), generator=torch.Generator().manual_seed(0))
         r = rate()
@@ -123,10 +132,10 @@ def transformer(shape: dict, grid: tuple[int, int], batches: list[int], rate) ->
         sync()
         s = time.perf_counter() - t0
         flops = per_token * T * b
-        out.append({"part": "transformer image", "batch": b, "params": params, "seconds": s,
-                    "images_per_s": b / s, "step_ms": s / T * 1e3,
-                    "gflop_per_image": per_token * T / 1e9, "matmul_gflops": r / 1e9,
-                    "share_of_matmul_rate": flops / s / r})
+        out.append(report({"part": "transformer image", "batch": b, "params": params,
+                           "seconds": s, "images_per_s": b / s, "step_ms": s / T * 1e3,
+                           "gflop_per_image": per_token * T / 1e9, "matmul_gflops": r / 1e9,
+                           "share_of_matmul_rate": flops / s / r}))
     return out
 
 
@@ -135,7 +144,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,4,16", help="transformer rows (images at once)")
     p.add_argument("--batches", default="1,4", help="tokenizer batches")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs after a first one")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
     p.add_argument("--device", default="cpu")
     p.add_argument("--transformer", choices=["faceshq", "cin"], default="faceshq")
@@ -150,16 +159,13 @@ def main() -> None:
     def rate() -> float:
         return matmul_rate(n)
 
-    print(f"float32 matmul rate: {rate() / 1e9:.1f} GFLOP/s on {DEVICE} ({args.threads} threads)")
+    print(f"float32 matmul rate: {rate() / 1e9:.1f} GFLOP/s on {DEVICE} ({args.threads} threads)",
+          flush=True)
     big = {"faceshq": FACESHQ, "cin": CIN}[args.transformer]
     vq_shape, gpt_shape = (SMOKE_VQ, SMOKE_GPT) if args.smoke else (IMAGENET_F16, big)
     grid = (4, 4) if args.smoke else (16, 16)
     results = tokenizer(vq_shape, [int(b) for b in args.batches.split(",")], args.repeats, rate)
     results += transformer(gpt_shape, grid, [int(b) for b in args.rows.split(",")], rate)
-    for r in results:
-        print(f"{r['part']:18} batch {r['batch']:3}: {r['images_per_s']:8.3f} images/s, "
-              f"{r['gflop_per_image']:7.1f} GFLOP/image, {100 * r['share_of_matmul_rate']:5.1f}% "
-              f"of the matmul rate ({r['matmul_gflops']:.0f} GFLOP/s beside it)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads,
