@@ -23,8 +23,13 @@ $(VENV)/.serve: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[serve]'
 	touch $@
 
+# the paper's reference code, which tests/service/test_taming_import.py compares with: without
+# its declared dependencies (Lightning, OmegaConf, torchvision), which its modules never import
+TAMING_REFERENCE := taming-transformers-rom1504==0.0.6
+
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(TAMING_REFERENCE)
 	touch $@
 
 install: $(VENV)/.installed

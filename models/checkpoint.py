@@ -20,7 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from .gpt import GPT, GPTConfig
 from .sampling import SAMPLING_DEFAULTS
+from .taming_vqgan import FAMILY as TAMING_FAMILY
+from .taming_vqgan import TamingVQGAN, TamingVQGANConfig
 from .vqvae import VQVAE, VQVAEConfig
+
+Tokenizer = VQVAE | TamingVQGAN  # one interface: encode/decode(_pixels), config.grid etc.
 
 CONFIG = "config.json"
 VQVAE_FILE = "vqvae.safetensors"
@@ -38,7 +42,7 @@ class Bundle:
     name: str
     path: Path
     config: dict
-    vqvae: VQVAE
+    vqvae: Tokenizer
     gpt: GPT | None
     digest: str
     classes: list[str] = field(default_factory=list)
@@ -124,9 +128,14 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(state)
 
 
-def vqvae_from_config(cfg: dict) -> VQVAE:
+def vqvae_from_config(cfg: dict) -> Tokenizer:
+    """The tokenizer the 'vqvae' section describes: the project's VQ-VAE, or the paper's
+    VQGAN where its `family` says so (models/taming_vqgan.py says why these are two)."""
+    section = cfg["vqvae"]
     try:
-        return VQVAE(VQVAEConfig(**cfg["vqvae"]))
+        if section.get("family") == TAMING_FAMILY:
+            return TamingVQGAN(TamingVQGANConfig(**section))
+        return VQVAE(VQVAEConfig(**section))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{CONFIG}: bad 'vqvae' section ({e})") from e
 
@@ -147,7 +156,7 @@ def file_digest(*paths: Path) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def save_vqvae(folder: Path, model: VQVAE, extra: dict | None = None) -> None:
+def save_vqvae(folder: Path, model: Tokenizer, extra: dict | None = None) -> None:
     """Write the tokenizer weights and its config section (keeping other sections)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,24 @@ Window convention (pinned by tests/unit/test_gpt.py): with window (wr, wc), the 
 (itself), or q < p and the key's cell (r', c') = cell q - 1 satisfies r - r' < wr and
 |c - c'| <= wc // 2. Full causal attention is any window with wr >= rows and wc >= 2*cols - 1.
 
+Vocabulary (`vocabulary`): "own" is the layout above. "shared" is the paper's
+Net2NetTransformer's: the conditioning token shares the code vocabulary (vocab_size = K), a
+class c goes in as id c (its Labelator) and an unconditional model's start token is id
+`start_token` (its SOSProvider); such a model has no null class, so it cannot be guided,
+and a class-conditional one has no unconditional mode.
+
+The paper's minGPT (taming.modules.transformer.mingpt) is this same family, not a second one:
+pre-LN blocks, GELU MLP, a head without bias and full causal attention are what this model
+already is with a window covering the whole grid; what differs is where positions and the
+conditioning token come from, and those are `positions="sequence"` and
+`vocabulary="shared"`. So one forward (and its KV-cache steps) serves both, and the engine,
+samplers and streaming need no second path. Its separate key, query and value projections
+are this model's fused `qkv` (training/taming_import.py stacks them).
+
 Positions (`positions`): "absolute" adds a learned embedding of each position's row and column
-in the training grid (the shipped 28x28 models). "relative" adds none; instead each head adds
+in the training grid (the shipped 28x28 models). "sequence" adds one learned embedding per
+position of the training sequence, position 0 being the conditioning token's (minGPT's
+`pos_emb` over its block size). "relative" adds none; instead each head adds
 a learned bias to its attention scores that depends only on the offset (r - r', c - c') between
 the query's cell and the key's, plus one bias for the class token and one for a position's own
 key where the window leaves it out (the first column, whose input is the previous row's last
@@ -49,7 +65,9 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 128
     dropout: float = 0.1
-    positions: str = "absolute"  # or "relative"; see the module docstring
+    positions: str = "absolute"  # or "relative" or "sequence"; see the module docstring
+    vocabulary: str = "own"  # or "shared" (Net2NetTransformer's); see the module docstring
+    start_token: int = 0  # "shared": the id an unconditional model starts from (SOSProvider)
 
     def __post_init__(self) -> None:
         self.grid = tuple(self.grid)
@@ -58,23 +76,49 @@ class GPTConfig:
             raise ValueError("d_model must be divisible by n_head")
         if self.window[0] < 1 or self.window[1] < 1:
             raise ValueError(f"window must be positive, got {self.window}")
-        if self.positions not in ("absolute", "relative"):
-            raise ValueError(f"positions must be 'absolute' or 'relative', got {self.positions!r}")
+        if self.positions not in ("absolute", "relative", "sequence"):
+            raise ValueError(f"positions must be 'absolute', 'relative' or 'sequence', got "
+                             f"{self.positions!r}")
+        if self.vocabulary not in ("own", "shared"):
+            raise ValueError(f"vocabulary must be 'own' or 'shared', got {self.vocabulary!r}")
+        if self.vocabulary == "shared" and not (
+                self.n_classes <= self.codebook_size and 0 <= self.start_token < self.codebook_size):
+            raise ValueError(f"a shared vocabulary of {self.codebook_size} ids cannot hold "
+                             f"{self.n_classes} classes and start token {self.start_token}")
 
     @property
     def seq_len(self) -> int:
         return self.grid[0] * self.grid[1]
 
     @property
+    def shared(self) -> bool:
+        return self.vocabulary == "shared"
+
+    @property
     def null_class(self) -> int:
-        return self.codebook_size + self.n_classes
+        """The id of an unconditional row (and of an empty slot). "shared": the start token,
+        which a class-conditional model was never trained on (`unconditional` is False)."""
+        return self.start_token if self.shared else self.codebook_size + self.n_classes
 
     @property
     def vocab_size(self) -> int:
-        return self.codebook_size + self.n_classes + 1
+        return self.codebook_size if self.shared else self.codebook_size + self.n_classes + 1
+
+    @property
+    def unconditional(self) -> bool:
+        """Whether a request may name no class (a null class, or a start-token model)."""
+        return not self.shared or self.n_classes == 0
+
+    @property
+    def guidance(self) -> bool:
+        """Whether classifier-free guidance has an unconditional branch: only a model
+        trained with a null class."""
+        return not self.shared
 
     def class_token(self, label: int | None) -> int:
-        return self.null_class if label is None else self.codebook_size + label
+        if label is None:
+            return self.null_class
+        return label if self.shared else self.codebook_size + label
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -225,6 +269,8 @@ class GPT(nn.Module):
             wr, wc = cfg.window
             self.rel_bias = nn.Parameter(torch.zeros(cfg.n_head, wr * wc + 2))
             self.register_buffer("rel_index", relative_index(cfg.grid, cfg.window), persistent=False)
+        elif cfg.positions == "sequence":
+            self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
         else:
             self.row_emb = nn.Embedding(rows, cfg.d_model)
             self.col_emb = nn.Embedding(cols, cfg.d_model)
@@ -257,6 +303,8 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.relative:
             return x
+        if self.config.positions == "sequence":
+            return x + self.pos_emb(pos)
         return x + self.row_emb(self.pos_row[pos]) + self.col_emb(self.pos_col[pos])
 
     def attention_bias(self, query_pos: torch.Tensor, keys: int) -> torch.Tensor:

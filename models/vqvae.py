@@ -273,8 +273,8 @@ class _MethodGraph(nn.Module):
 
 
 class FrozenTokenizer:
-    """`encode_pixels` and `decode_pixels` of a trained VQ-VAE as frozen TorchScript graphs,
-    for serving.
+    """`encode_pixels` and `decode_pixels` of a trained tokenizer (a VQ-VAE here, or the
+    paper's VQGAN of models/taming_vqgan.py) as frozen TorchScript graphs, for serving.
 
     An eager forward takes the GIL back after each of its Python-level ops, and beside a busy
     event loop each take can wait out a switch interval; a frozen graph with uint8 pixels in
@@ -283,9 +283,9 @@ class FrozenTokenizer:
     symbolic). `decode_pixels` does not range-check ids: its caller validates them.
     """
 
-    def __init__(self, vq: VQVAE) -> None:
+    def __init__(self, vq: nn.Module) -> None:
         cfg = vq.config
-        dev = vq.quantizer.embed.device
+        dev = next(vq.parameters()).device
         h, w = cfg.image_size
         was_training = vq.training
         vq.eval()

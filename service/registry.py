@@ -18,9 +18,11 @@ from models.checkpoint import (
     Bundle,
     CheckpointError,
     load_bundle,
+    read_config,
     resolve_device,
     sampling_defaults,
 )
+from models.footprint import Footprint, footprint, free_bytes
 from models.quantize import QUANTIZATIONS, quantize
 from models.sampling import make_batch
 from models.vqvae import FrozenTokenizer
@@ -42,6 +44,8 @@ class ModelEntry:
     info: dict = field(default_factory=dict)
     tokenizer: Any = None  # encode/decode: a FrozenTokenizer, or the eager VQ-VAE
     max_grid: tuple[int, int] = (32, 32)  # largest grid /generate and /decode take
+    slots: int = 0  # images its engine samples at once: TAMING_GENERATE_SLOTS, or what fits
+    memory: dict = field(default_factory=dict)  # models.footprint's figures
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -134,11 +138,15 @@ def describe(entry: ModelEntry, settings: Settings) -> dict:
         "codebook_size": entry.codebook_size,
         "classes": list(b.classes),
         "can_generate": entry.can_generate,
+        "n_classes": entry.n_classes,
+        "unconditional": b.gpt is None or b.gpt.config.unconditional,
+        "guidance": b.gpt is not None and b.gpt.config.guidance,
         "defaults": dict(entry.defaults),
         "digest": b.digest,
         "device": entry.device,
         "quantization": b.quantization,
         "evaluation": cfg.get("evaluation") or {},
+        "memory": dict(entry.memory),
     }
 
 
@@ -171,7 +179,11 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
     device = device_of(settings.device)
     quantized = quantizations(settings)
     models: dict[str, ModelEntry] = {}
+    reserved = 0  # the KV caches of the models before this one, allocated when serving starts
     for folder in checkpoint_folders(settings):
+        cfg = read_config(folder) if Path(folder).is_dir() else None
+        need = footprint(cfg) if cfg is not None else None
+        slots = fitting_slots(folder, need, device, settings.generate_slots, reserved)
         bundle = load_bundle(folder, device=device)
         name = bundle.name
         if name in models:
@@ -192,7 +204,10 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
         except CheckpointError as e:
             raise CheckpointError(f"{folder}/{e}") from e
         entry = ModelEntry(name=name, bundle=bundle, device=device, defaults=defaults,
-                           tokenizer=frozen_tokenizer(bundle.vqvae), max_grid=max_grid)
+                           tokenizer=frozen_tokenizer(bundle.vqvae), max_grid=max_grid,
+                           slots=slots if bundle.gpt is not None else 0)
+        entry.memory = need.describe(entry.slots) if need is not None else {}
+        reserved += entry.memory.get("kv_cache_bytes", 0)
         if entry.can_generate:
             try:  # the shipped defaults must be valid settings for this model
                 make_batch(bundle.gpt.config, 1, entry.grid, **{
@@ -204,6 +219,30 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
         log.info("loaded model %s from %s (%s, generator: %s)", name, folder, bundle.digest,
                  "yes" if entry.can_generate else "no")
     return models
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def fitting_slots(folder: Path, need: Footprint | None, device: str, wanted: int,
+                  reserved: int) -> int:
+    """TAMING_GENERATE_SLOTS, cut to what the device's free memory holds beside the weights
+    (a warning says so); CheckpointError where not even one slot, or the weights, fit."""
+    free = free_bytes(torch.device(device)) if need is not None else None
+    if free is None:
+        return wanted
+    free -= reserved
+    slots = need.slots_that_fit(free, wanted)
+    if slots == 0:
+        raise CheckpointError(
+            f"{folder}: needs {gib(need.total(1))} ({gib(need.weights_bytes)} of weights and a "
+            f"KV cache of {gib(need.total(1) - need.weights_bytes)} a slot) but {device} has "
+            f"{gib(free)} free (of which models use at most a share; see docs/api.md)")
+    if slots < wanted:
+        log.warning("%s: %d generation slots fit in %s's free memory (%s), not "
+                    "TAMING_GENERATE_SLOTS=%d", folder, slots, device, gib(free), wanted)
+    return slots
 
 
 def frozen_tokenizer(vq) -> Any:

@@ -138,12 +138,22 @@ class ModelInfo(BaseModel):
     codebook_size: int
     classes: list[str] = Field(description="Class names in index order.")
     can_generate: bool = Field(description="False when the folder holds only the tokenizer.")
+    n_classes: int = Field(0, description="Classes the transformer conditions on (0: none).")
+    unconditional: bool = Field(True, description=(
+        "Whether /generate takes no label (false: a class-conditional model trained without a "
+        "null class, such as the paper's ImageNet transformer)."))
+    guidance: bool = Field(True, description=(
+        "Whether cfg_scale other than 1 is accepted (false: trained without a null class)."))
     defaults: SamplingDefaults
     digest: str = Field(description="Digest of the weight files.")
     device: str
     quantization: str | None = Field(None, description=(
         "How the transformer's weights are held when not as trained (int8: TAMING_QUANTIZE)."))
     evaluation: dict[str, Any] = Field(description="Measured results from config.json.")
+    memory: dict[str, int] = Field(default_factory=dict, description=(
+        "What the model holds: weights_bytes, kv_cache_bytes (its generation slots' static "
+        "KV cache), total_bytes, and slots (images sampled at once; TAMING_GENERATE_SLOTS, "
+        "or fewer where the device's free memory holds fewer)."))
 
 
 class ModelList(BaseModel):

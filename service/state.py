@@ -116,7 +116,7 @@ class Service:
             if not entry.can_generate:
                 continue
             gen = GenerationEngine(
-                name, entry.bundle.gpt, self.metrics, slots=s.generate_slots,
+                name, entry.bundle.gpt, self.metrics, slots=entry.slots or s.generate_slots,
                 lanes=lane_count(device, budget), compile=s.compile, compile_deadline=deadline,
                 admission=self.admission, decode=entry.tokenizer.decode_pixels,
                 on_thread=partial(init_model_thread, device, threads))

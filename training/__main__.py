@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import classifier, generator, perceptual, scenes, vqvae
+from . import classifier, generator, perceptual, scenes, taming_import, vqvae
 from .data import DatasetError
+from .taming_import import TamingImportError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate-scenes": ("photo crops: sliced Wasserstein distance of reconstructions and "
                             "samples, beside its floor and a blur baseline", scenes.add_args,
                             scenes.evaluate),
+        "import-taming": ("the paper's published models: a CompVis taming-transformers log "
+                          "folder as a checkpoint folder", taming_import.add_args,
+                          taming_import.main),
     }
     for name, (help_text, add_args, _) in commands.items():
         add_args(sub.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
     try:
         commands[args.command][2](args)
-    except DatasetError as e:
+    except (DatasetError, TamingImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

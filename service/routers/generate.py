@@ -264,6 +264,15 @@ def _payload(svc, entry, req: GenerateRequest, cells: np.ndarray | None = None
     if cells is not None:
         settings["cells"] = cells
     cfg = entry.bundle.gpt.config
+    if settings["cfg_scale"] != 1 and not cfg.guidance:
+        raise invalid(f"guidance (cfg_scale {settings['cfg_scale']:g}) is not available on model "
+                      f"{entry.name!r}: it was trained without a null class, so there is no "
+                      "unconditional prediction to guide from; use cfg_scale 1",
+                      "guidance_unavailable")
+    if req.label is None and not cfg.unconditional:
+        raise invalid(f"model {entry.name!r} is class-conditional and was never trained "
+                      "without a class: name one (label, 0.."
+                      f"{cfg.n_classes - 1} or a class name)")
     if grid != (mr, mc) and entry.canvases and settings["cfg_scale"] != 1:
         raise invalid(f"guidance (cfg_scale {settings['cfg_scale']:g}) is not available on "
                       f"canvases; grids beyond [{mr}, {mc}] sample with cfg_scale 1")

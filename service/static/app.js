@@ -162,12 +162,19 @@ function applyModel() {
   const m = current();
   if (!m) return;
   const chosen = el.label.value;
-  el.label.replaceChildren(new Option("(any class)", ""));
-  m.classes.forEach((name, i) => {
+  // a class-conditional model trained without a null class (the paper's ImageNet
+  // transformer) has no "any class"; one imported without names lists its indices
+  const unconditional = m.unconditional !== false;
+  const count = Math.max(m.classes.length, m.n_classes || 0);
+  el.label.replaceChildren(...(unconditional ? [new Option("(any class)", "")] : []));
+  for (let i = 0; i < count; i++) {
+    const name = m.classes[i] ?? String(i);
     el.label.append(new Option(name === String(i) ? name : `${i} \u00b7 ${name}`, String(i)));
-  });
-  if (chosen !== "" && Number(chosen) < m.classes.length) el.label.value = chosen;
+  }
+  if (chosen !== "" && Number(chosen) < count) el.label.value = chosen;
   applyDefaults();
+  el.cfg.disabled = m.guidance === false;
+  el.cfg.title = m.guidance === false ? "This model was trained without a null class: no guidance" : "";
   el.generate.disabled = !m.can_generate;
   el.generate.title = m.can_generate ? "" : "This model has no transformer: it only encodes and decodes";
   setMap(null);
