@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import classifier, generator, perceptual, photos, scenes, vqvae
+from . import classifier, generator, perceptual, photos, scenes, sheet, vqvae
 from .data import DatasetError
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate-scenes": ("photo crops: sliced Wasserstein distance of reconstructions and "
                             "samples, beside its floor and a blur baseline", scenes.add_args,
                             scenes.evaluate),
+        "sheet": ("a contact sheet of samples, one row per class", sheet.add_args, sheet.main),
     }
     for name, (help_text, add_args, _) in commands.items():
         add_args(sub.add_parser(name, help=help_text))

@@ -238,10 +238,10 @@ def load_photo_crops(spec: str, files: list[tuple[str, Path]], crop: int, length
     return Dataset(spec, classes, Split(train, train.labels), Split(test_images, -1 - test.labels))
 
 
-def load_nature(crop: int, length: int, seed: int = 0,
-                list_path: Path = photos.NATURE_LIST) -> Dataset:
-    """The photographs of training/nature.csv, labelled by scene class; crops span a fraction
-    of each photograph's short side (photos.NATURE_SPAN), the test crops included."""
+def nature_photos(split: str, list_path: Path = photos.NATURE_LIST
+                  ) -> tuple[list[torch.Tensor], list[int], list[str]]:
+    """One split's photographs of training/nature.csv (as stored in memory), their scene
+    classes' indices and the class names."""
     try:
         rows = photos.nature_list(list_path)
     except (OSError, ValueError, TypeError) as e:
@@ -251,16 +251,23 @@ def load_nature(crop: int, length: int, seed: int = 0,
     if missing:
         raise DatasetError(f"nature: {len(missing)} photographs missing, e.g. {missing[0].local}; "
                            "run `make photos`")
-    split = {s: [r for r in rows if r.split == s] for s in ("train", "test")}
-    if not split["train"] or not split["test"]:
-        raise DatasetError("nature: needs at least one training and one held-out photograph")
+    part = [r for r in rows if r.split == split]
+    if not part:
+        raise DatasetError(f"nature: no {split} photographs in {list_path}")
+    return ([photos.load_photo(r.local, photos.NATURE_STORED_SIDE) for r in part],
+            [classes.index(r.scene) for r in part], classes)
+
+
+def load_nature(crop: int, length: int, seed: int = 0,
+                list_path: Path = photos.NATURE_LIST) -> Dataset:
+    """The photographs of training/nature.csv, labelled by scene class; crops span a fraction
+    of each photograph's short side (photos.NATURE_SPAN), the test crops included."""
     sets = {}
-    for name, part in split.items():
-        imgs = [photos.load_photo(r.local, photos.NATURE_STORED_SIDE) for r in part]
-        labels = [classes.index(r.scene) for r in part]
+    for name in ("train", "test"):
+        imgs, labels, classes = nature_photos(name, list_path)
         n, s = (length, seed) if name == "train" else (photos.TEST_CROPS, seed + 1)
         sets[name] = photos.PhotoCrops(imgs, crop, n, s, span=photos.NATURE_SPAN,
-                                          photo_labels=labels, by_area=False)
+                                       photo_labels=labels, by_area=False)
     test = sets["test"]
     return Dataset("nature", classes, Split(sets["train"], sets["train"].labels),
                    Split(test[torch.arange(len(test))], test.labels))
