@@ -13,7 +13,6 @@ from models.checkpoint import save_gpt, write_config
 from models.gpt import GPT, GPTConfig
 from training.generator import init_from
 
-
 K = 256  # the mnist tokenizer's codebook, which the source checkpoint carries
 
 
