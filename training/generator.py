@@ -44,6 +44,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="no class conditioning (photo data sets: their classes are photographs)")
     p.add_argument("--crops", type=int, default=16384,
                    help="photo data sets: crops an epoch, drawn afresh and tokenized as they train")
+    p.add_argument("--init", default=None,
+                   help="start from this checkpoint's transformer (same tokenizer and shape; its "
+                        "classes may differ: new class rows start as its null class)")
     p.add_argument("--augment", type=int, default=0,
                    help="add N randomly turned/zoomed/shifted copies of every training image "
                         "(small data sets: shipped MNIST uses 8)")
@@ -121,6 +124,33 @@ def _save_class_rows(bundle, gpt: GPT, path: Path, per_class: int, seed: int, se
     tile_image(images.float() / 255, cols=per_class).save(path)
 
 
+def init_from(model: GPT, folder: str | Path) -> dict:
+    """Copy a trained transformer's weights into `model`, which may have other classes.
+
+    Every tensor of the same name and shape is copied; the token table keeps the codes' rows
+    and gives the source's null-class row to the null class and to every class, so the model
+    starts as the unconditional one and guidance starts neutral."""
+    src = load_bundle(folder, require_gpt=True).gpt
+    a, b = src.config, model.config
+    same = ("codebook_size", "grid", "window", "n_layer", "n_head", "d_model", "positions")
+    diff = [k for k in same if getattr(a, k) != getattr(b, k)]
+    if diff:
+        raise SystemExit(f"--init {folder}: its transformer differs in {', '.join(diff)}")
+    theirs, ours = src.state_dict(), model.state_dict()
+    with torch.no_grad():
+        for name, t in ours.items():
+            if name == "tok_emb.weight":
+                k = b.codebook_size
+                t[:k] = theirs[name][:k]
+                t[k:] = theirs[name][a.null_class]
+            elif name in theirs and theirs[name].shape == t.shape:
+                t.copy_(theirs[name])
+            else:
+                raise SystemExit(f"--init {folder}: no weights for {name}")
+    model.load_state_dict(ours)
+    return {"from": str(folder), "classes_before": a.n_classes}
+
+
 def train(args: argparse.Namespace) -> Path:
     d, device = common.setup_distributed(args.device)
     common.seed_everything(args.seed)
@@ -148,7 +178,9 @@ def train(args: argparse.Namespace) -> Path:
                     window=tuple(int(w) for w in args.window.split(",")), n_layer=args.n_layer,
                     n_head=args.n_head, d_model=args.d_model, dropout=args.dropout,
                     positions=args.positions)
-    model = GPT(cfg).to(device)
+    model = GPT(cfg)
+    init_info = init_from(model, args.init) if args.init else None
+    model = model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "emb" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -210,7 +242,7 @@ def train(args: argparse.Namespace) -> Path:
                     "epochs": epoch + 1, "batch_size": args.batch_size, "lr": args.lr,
                     "label_dropout": 0.0 if args.unconditional else args.label_dropout,
                     "augment_copies": args.augment, "positions": args.positions,
-                    "seed": args.seed, "world_size": d.world,
+                    "seed": args.seed, "world_size": d.world, "init": init_info,
                     "train_sequences": len(codes), "streamed_crops": data.streamed,
                     "device": str(device),
                     "test_loss": round(float(test_loss), 4)})})

@@ -9,14 +9,19 @@ photographs give the test crops (a fixed seed, so every evaluation sees the same
 never a training crop.
 
 Specs: `landscapes` (the nature photographs listed in training/landscapes.txt, from Debian's
-wallpaper packages; `make data` installs them) and `crops:DIR` (any folder of photographs,
-searched recursively; every tenth photograph in name order is held out).
+wallpaper packages; `make data` installs them), `nature` (the photographs of
+training/nature.csv with their scene classes, extracted into data/nature by `make photos`; its
+crops span a fraction of each photograph's short side, up to all of it, so that they hold a
+composition and not only a texture) and `crops:DIR` (any folder of photographs, searched
+recursively; every tenth photograph in name order is held out).
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 LANDSCAPES_LIST = Path(__file__).with_name("landscapes.txt")
+NATURE_LIST = Path(__file__).with_name("nature.csv")
+NATURE_DIR = Path(__file__).resolve().parents[1] / "data" / "nature"
+NATURE_STORED_SIDE = 768
+NATURE_SPAN = (1 / 6, 1.0)  # crop side as a fraction of the photograph's short side
 PHOTO_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_CROP = 128
 STORED_SIDE = 512  # shorter side of a photograph in memory; a crop spans 1/4 to 1/2 of it
@@ -41,19 +50,32 @@ class PhotoCrops:
     """
 
     def __init__(self, photos: list[torch.Tensor], size: int, length: int, seed: int = 0,
-                 max_scale: float = MAX_SCALE, flip: bool = True) -> None:
+                 max_scale: float = MAX_SCALE, flip: bool = True,
+                 span: tuple[float, float] | None = None, photo_labels: list[int] | None = None,
+                 by_area: bool = True) -> None:
+        """`span` (lo, hi): the crop's side is that fraction of each photograph's short side
+        (log-uniform), instead of 1x to `max_scale`x the crop size; `photo_labels`: each
+        photograph's class, which its crops take as their label (default: its index);
+        `by_area`: larger photographs give more crops (else every photograph as many)."""
         if not photos:
             raise ValueError("no photographs")
+        if photo_labels is not None and len(photo_labels) != len(photos):
+            raise ValueError(f"{len(photo_labels)} labels for {len(photos)} photographs")
+        if span is not None and not 0 < span[0] <= span[1] <= 1:
+            raise ValueError(f"span {span}: fractions of the short side, 0 < lo <= hi <= 1")
         self.photos, self.size, self.length = photos, int(size), int(length)
-        self.seed, self.max_scale, self.flip = seed, max_scale, flip
+        self.seed, self.max_scale, self.flip, self.span = seed, max_scale, flip, span
         short = min(min(p.shape[1:]) for p in photos)
-        if short < size:
+        if short < size and span is None:
             raise ValueError(f"a photograph of {short} px is smaller than the {size}-px crop")
         self.max_scale = min(max_scale, short / size)
         # larger photographs give proportionally more crops
-        area = torch.tensor([p.shape[1] * p.shape[2] for p in photos], dtype=torch.float64)
+        area = torch.tensor([p.shape[1] * p.shape[2] if by_area else 1 for p in photos],
+                            dtype=torch.float64)
         self._cum = torch.cumsum(area / area.sum(), 0)
-        self.labels = torch.tensor([self._params(i)[0] for i in range(self.length)], dtype=torch.int64)
+        index = [self._params(i)[0] for i in range(self.length)]
+        self.labels = torch.tensor(index if photo_labels is None else [photo_labels[j] for j in index],
+                                   dtype=torch.int64)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -66,13 +88,18 @@ class PhotoCrops:
         u = np.random.default_rng((self.seed, i)).random(5)
         photo = min(int(torch.searchsorted(self._cum, torch.tensor(u[0], dtype=torch.float64))),
                     len(self.photos) - 1)
-        scale = math.exp(u[1] * math.log(self.max_scale))  # log-uniform in [1, max_scale]
+        if self.span is None:
+            scale = math.exp(u[1] * math.log(self.max_scale))  # log-uniform in [1, max_scale]
+        else:  # a fraction of the short side, log-uniform in the span
+            lo, hi = self.span
+            scale = math.exp(math.log(lo) + u[1] * math.log(hi / lo))
         return photo, scale, u[2], u[3], bool(u[4] < 0.5) and self.flip
 
     def crop(self, i: int) -> torch.Tensor:
         photo, scale, fy, fx, flip = self._params(i)
         img = self.photos[photo]
-        side = min(round(self.size * scale), *img.shape[1:])
+        base = self.size if self.span is None else min(img.shape[1:])
+        side = max(1, min(round(base * scale), *img.shape[1:]))
         y = int(fy * (img.shape[1] - side + 1))
         x = int(fx * (img.shape[2] - side + 1))
         out = img[:, y: y + side, x: x + side]
@@ -134,3 +161,60 @@ def split_folder(files: list[Path]) -> tuple[list[Path], list[Path]]:
         return files, []
     test = files[5::10] or files[-1:]
     return [f for f in files if f not in test], test
+
+
+@dataclass(frozen=True)
+class NaturePhoto:
+    """One row of training/nature.csv: where the photograph comes from and what it shows."""
+    split: str
+    scene: str
+    package: str
+    path: str  # the file installed by the package (for gcompris-qt-data: its .rcc)
+    member: str  # the file inside the .rcc, else empty
+    licence: str
+    author: str
+
+    @property
+    def local(self) -> Path:
+        """Where `make photos` puts it: data/nature/PACKAGE/[RCC/]NAME."""
+        if self.member:
+            return NATURE_DIR / self.package / Path(self.path).stem / Path(self.member).name
+        return NATURE_DIR / self.package / (photo_name(Path(self.path)) + Path(self.path).suffix.lower())
+
+
+def nature_list(path: Path = NATURE_LIST) -> list[NaturePhoto]:
+    with open(path, newline="") as f:
+        rows = [NaturePhoto(**row) for row in csv.DictReader(f)]
+    bad = [r for r in rows if r.split not in ("train", "test")]
+    if bad:
+        raise ValueError(f"{path}: split must be train or test, got {bad[0].split!r}")
+    return rows
+
+
+def nature_classes(rows: list[NaturePhoto]) -> list[str]:
+    """The scene classes in a fixed order: as they first appear in the list."""
+    return list(dict.fromkeys(r.scene for r in rows))
+
+
+def extract_nature(rows: list[NaturePhoto] | None = None, force: bool = False) -> int:
+    """Copy every listed photograph into data/nature (reading .rcc members); returns how many
+    were written. Missing package files raise FileNotFoundError naming the package."""
+    import shutil
+
+    from .rcc import RccFile
+
+    rccs: dict[str, RccFile] = {}
+    written = 0
+    for row in rows if rows is not None else nature_list():
+        if row.local.is_file() and not force:
+            continue
+        if not Path(row.path).is_file():
+            raise FileNotFoundError(f"{row.path} missing: apt-get install {row.package}")
+        row.local.parent.mkdir(parents=True, exist_ok=True)
+        if row.member:
+            rcc = rccs.setdefault(row.path, RccFile.open(row.path))
+            row.local.write_bytes(rcc.read(row.member))
+        else:
+            shutil.copyfile(row.path, row.local)
+        written += 1
+    return written

@@ -39,7 +39,7 @@ from .vqgan import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_lo
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True,
-                   help="mnist | fashion-mnist | landscapes | idx:DIR | folder:DIR | crops:DIR")
+                   help="mnist | fashion-mnist | landscapes | nature | idx:DIR | folder:DIR | crops:DIR")
     p.add_argument("--crop-size", type=int, default=None,
                    help="photo data sets: side of the training crops (default 128)")
     p.add_argument("--image-size", type=int, default=None,
