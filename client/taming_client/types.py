@@ -123,6 +123,11 @@ class ModelInfo:
     defaults: SamplingDefaults
     digest: str
     device: str
+    n_classes: int = 0  # classes the transformer conditions on
+    unconditional: bool = True  # samples without a class
+    guidance: bool = True  # takes cfg_scale other than 1
+    quantization: str | None = None  # "int8" when served with int8 weights
+    memory: dict[str, int] = field(default_factory=dict, repr=False)  # bytes it needs
     evaluation: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -136,6 +141,10 @@ class ModelInfo:
                    defaults=SamplingDefaults(**{k: d.get(k) for k in (
                        "temperature", "top_k", "top_p", "cfg_scale")}),
                    digest=body["digest"], device=body["device"],
+                   n_classes=body.get("n_classes", 0),
+                   unconditional=body.get("unconditional", True),
+                   guidance=body.get("guidance", True), quantization=body.get("quantization"),
+                   memory=dict(body.get("memory") or {}),
                    evaluation=body.get("evaluation") or {})
 
 

@@ -64,13 +64,17 @@ RUNS = [(label, mode) for label, op in sorted(OPERATIONS.items()) for mode in (P
 
 # Bodies the schema can only call bytes (images, the /v2 binary tensor extension): whether
 # they are readable is not a schema's to say, so schema-valid bytes may be refused.
-BINARY_BODIES = {"POST /encode", "POST /v1/images/variations", "POST /v2/models/{name}/infer"}
+BINARY_BODIES = {"POST /encode", "POST /v1/images/variations", "POST /v1/images/edits",
+                 "POST /v2/models/{name}/infer"}
 # Refusals that depend on which model or grid a request names, where the schema holds the
 # widest bounds of the models served: a class of one model is no class of another; a /v1
 # prompt is free text in OpenAI's schema and names a class here; a prefix is bounded by the
-# grid's cells and its rows by the grid's columns.
+# grid's cells and its rows by the grid's columns; an edit's source ids by the model's
+# codebook and its rows' lengths (a grid is rectangular, which JSON Schema cannot say), and its
+# mask and offset by the source's shape.
 MODEL_DEPENDENT = ("unknown class", "is no class of model", "prefix row",
-                   "longer than the grid's")
+                   "longer than the grid's", "tokens:", "mask", "offset",
+                   "source")
 
 
 def _integral_floats(node) -> bool:
@@ -88,7 +92,9 @@ def _integral_floats(node) -> bool:
 def schema_valid_data_is_accepted(ctx, response, case):
     """schemathesis's positive_data_acceptance wherever JSON Schema can say what the server
     takes: a schema-valid request is never refused for a bound the schema does not carry."""
-    if case.operation.label in BINARY_BODIES or _integral_floats(case.body):
+    # uploads (and /generate's multipart form, an image and its mask) are judged by their bytes
+    if (case.operation.label in BINARY_BODIES or case.media_type == "multipart/form-data"
+            or _integral_floats(case.body)):
         return None
     if response.status_code in (400, 422):
         error = response.json().get("error")
