@@ -9,8 +9,9 @@ and two quantizers (nearest code, and a Gumbel projection whose argmax picks the
 Folding all that into VQVAEConfig would make every field a switch inside the shipped
 models' code path, which tests pin bit for bit. So this family is its own module behind the
 same tokenizer interface (`config.image_size/channels/downsample/codebook_size/grid`,
-`encode`, `decode`, `decode_ids`, `encode_pixels`, `decode_pixels`), and the server, the
-engine, the samplers and FrozenTokenizer cannot tell the two apart.
+`encode`, `decode_ids`, and from `models.vqvae.Tokenizer` the checked `decode` and the pixel
+forms), and the server, the engine, the samplers and FrozenTokenizer cannot tell the two
+apart.
 
 Inference only: training these networks is the reference code's job; the importer
 (`python -m training import-taming`) brings their weights here. The Gumbel quantizer picks
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .images import to_pixels
+from .vqvae import Tokenizer
 
 FAMILY = "taming-vqgan"  # config.json's vqvae.family for this module
 
@@ -267,7 +268,7 @@ class GumbelQuantizer(nn.Module):
         return self.proj(z).argmax(1)
 
 
-class TamingVQGAN(nn.Module):
+class TamingVQGAN(Tokenizer):
     def __init__(self, cfg: TamingVQGANConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -282,27 +283,8 @@ class TamingVQGAN(nn.Module):
         """(B, C, H, W) in [0, 1] -> int64 token grids (B, H/f, W/f)."""
         return self.quantizer.indices(self.quant_conv(self.encoder(images * 2 - 1)))
 
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """int64 token grids (B, h, w) of any size -> images (B, C, h*f, w*f) in [0, 1]."""
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be integer, got {tokens.dtype}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.n_embed):
-            raise ValueError(f"token ids must lie in [0, {self.config.n_embed})")
-        return self.decode_ids(tokens.long())
-
     def decode_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """`decode` without the range check (ids already checked), so that it traces."""
         z = self.quantizer.codebook[tokens].permute(0, 3, 1, 2)
         x = self.decoder(self.post_quant_conv(z))
         return (x.clamp(-1, 1) + 1) / 2
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, C) -> int64 token grids (B, H/f, W/f)."""
-        return self.encode(pixels.permute(0, 3, 1, 2).float().div(255.0))
-
-    @torch.no_grad()
-    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        """int64 token grids (B, h, w), ids already checked -> uint8 (B, h*f, w*f, C)."""
-        return to_pixels(self.decode_ids(tokens))

@@ -213,7 +213,37 @@ class VectorQuantizer(nn.Module):
         return z_q, codes.view(B, h, w), loss, stats
 
 
-class VQVAE(nn.Module):
+class Tokenizer(nn.Module):
+    """What every tokenizer family shares, over its own `encode` and `decode_ids`: the
+    range-checked `decode`, and the serving forms in uint8 pixels (B, H, W, C) as image files
+    hold them, so that a server's model thread makes one call per batch (see FrozenTokenizer)."""
+
+    config: VQVAEConfig  # or any config with `codebook_size`
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 token grids (B, h, w) of any size -> images (B, C, h*f, w*f) in [0, 1]."""
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be integer, got {tokens.dtype}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.codebook_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.codebook_size})")
+        return self.decode_ids(tokens.long())
+
+    def decode_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, C) -> int64 token grids (B, H/f, W/f)."""
+        return self.encode(pixels.permute(0, 3, 1, 2).float().div(255.0))
+
+    @torch.no_grad()
+    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 token grids (B, h, w), ids already checked -> uint8 (B, h*f, w*f, C)."""
+        return to_pixels(self.decode_ids(tokens))
+
+
+class VQVAE(Tokenizer):
     def __init__(self, cfg: VQVAEConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -234,33 +264,12 @@ class VQVAE(nn.Module):
         B, D, h, w = z.shape
         return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, D)).view(B, h, w)
 
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """int64 token grids (B, h, w) of any size -> images (B, C, h*f, w*f) in [0, 1]."""
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be integer, got {tokens.dtype}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.codebook_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.codebook_size})")
-        return self.decode_ids(tokens.long())
-
     def decode_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         """`decode` without the range check (ids already checked), so that it traces."""
         return self.decoder(self.quantizer.embed[tokens].permute(0, 3, 1, 2).contiguous())
 
-    # the serving forms: uint8 pixels (B, H, W, C) as image files hold them, in and out, so a
-    # server's model thread makes one call per batch (see FrozenTokenizer)
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, C) -> int64 token grids (B, H/f, W/f)."""
-        return self.encode(pixels.permute(0, 3, 1, 2).float().div(255.0))
-
-    @torch.no_grad()
-    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        """int64 token grids (B, h, w), ids already checked -> uint8 (B, h*f, w*f, C)."""
-        return to_pixels(self.decode_ids(tokens))
 
 
-# ---- serving: the tokenizer as frozen TorchScript graphs ------------------------------------
 class _MethodGraph(nn.Module):
     """One method of a VQ-VAE as a module's forward, for tracing."""
 
