@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import atexit
 import io
+import json
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -185,6 +188,47 @@ def wait_ready(base: str, proc: subprocess.Popen, limit: float = 120) -> float:
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("server not ready in time")
+
+
+def png_header(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels, with almost no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def record_queue(admission, peaks: list[int]) -> None:
+    """From now on, append the admission gate's queued images to `peaks` after each entry."""
+    enter = admission.enter
+
+    def counted(n: int) -> None:
+        enter(n)
+        peaks.append(admission.queued)
+
+    admission.enter = counted
+
+
+def stop(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Terminate a server process, killed if it has not exited within `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """A server-sent event stream's (event, JSON data) pairs, in order."""
+    events, name = [], None
+    for line in text.splitlines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+    return events
 
 
 @contextmanager

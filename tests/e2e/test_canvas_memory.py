@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from service_helpers import REAL, free_port, wait_ready  # noqa: E402
+from service_helpers import REAL, free_port, stop, wait_ready  # noqa: E402
 
 LANDSCAPES = REAL / "landscapes"
 PIXELS_PER_CELL = 8  # the landscapes tokenizer's downsampling
@@ -81,12 +81,7 @@ def canvas_growth_mib(side_px: int, concurrent: int = 1) -> dict[str, float]:
         return {"base_mib": before / 1024, "growth_mib": (_status_kib(proc.pid, "VmHWM")
                                                           - before) / 1024, "seconds": took}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def documented_growth_mib() -> dict[int, float]:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from service_helpers import REAL, ROOT, assert_error, free_port, png_of, wait_ready
+from service_helpers import REAL, ROOT, assert_error, free_port, png_of, stop, wait_ready
 
 from service.png import png_bytes
 
@@ -50,12 +50,7 @@ def server() -> Iterator[tuple[str, int]]:
             wait_ready(base, proc)
             yield base, proc.pid
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def _peak_rss_mb(pid: int) -> float:

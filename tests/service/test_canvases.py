@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from service_helpers import REAL, async_client, live_server, metric, png_array, settings
+from service_helpers import REAL, async_client, live_server, metric, png_array, settings, sse_events
 
 from models.canvas import canvas_reference, generate_canvas
 from models.checkpoint import load_bundle
@@ -36,16 +36,6 @@ def models() -> dict:
     """The two models these tests use, with few slots: a lane's start-up runs each padded
     size of its rows once, and a canvas needs one lane, not many rows."""
     return {"checkpoint_dir": REAL, "models": ["mnist", "landscapes"], "generate_slots": 8}
-
-
-def sse(text: str) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in text.splitlines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[6:])))
-    return events
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +106,7 @@ def test_streamed_canvas_rows_are_strips_and_done_is_the_plain_answer(server):
     plain = canvas(server, grid, 6)
     streamed = canvas(server, grid, 6, headers=STREAM)
     assert streamed.headers["content-type"].startswith("text/event-stream")
-    events = sse(streamed.text)
+    events = sse_events(streamed.text)
     assert [e for e, _ in events] == ["row"] * grid[0] + ["done"]
     tokens = plain.json()["images"][0]["tokens"]
     for r, (_, ev) in enumerate(events[:-1]):

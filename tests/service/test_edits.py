@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import REAL, assert_error, live_server, metric, png_array, png_of, settings
+from service_helpers import (
+    REAL,
+    assert_error,
+    live_server,
+    metric,
+    png_array,
+    png_of,
+    settings,
+    sse_events,
+)
 
 from service.app import create_app
 
@@ -211,16 +219,6 @@ def test_edits_are_the_same_alone_and_beside_others(server):
     assert [r.json()["images"][0]["tokens"] for r in together] == alone
 
 
-def sse(text: str) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in text.splitlines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[6:])))
-    return events
-
-
 @pytest.mark.parametrize("model,grid", [("mnist", None), ("landscapes", [18, 20])])
 def test_an_edit_streams_its_rows(server, model, grid):
     (h, w), label, _ = MODELS[model]
@@ -230,7 +228,7 @@ def test_an_edit_streams_its_rows(server, model, grid):
     r = post(server, body, headers=STREAM)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
-    events = sse(r.text)
+    events = sse_events(r.text)
     rows = [d for e, d in events if e == "row"]
     name, done = events[-1]
     assert name == "done"

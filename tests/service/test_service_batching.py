@@ -19,6 +19,7 @@ from service_helpers import (
     async_client,
     metric,
     png_of,
+    record_queue,
     serving_models,
     settings,
     tiny_models,
@@ -614,13 +615,7 @@ def test_max_queue_bounds_every_queue_together_when_two_models_and_the_tokenizer
         async with async_client(app) as c:
             patient(app)
             gate = app.state.service.admission
-            enter = gate.enter
-
-            def counted(n: int) -> None:
-                enter(n)
-                peaks.append(gate.queued)
-
-            gate.enter = counted
+            record_queue(gate, peaks)
             flood = ([c.post("/generate", json={"model": a, "seed": i, "n": 2}) for i in range(8)]
                      + [c.post("/generate", json={"model": b, "seed": i, "n": 2}) for i in range(8)]
                      + [c.post("/decode", json={"model": a, "tokens": [GRID, GRID]})

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
-import zlib
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import assert_error, async_client, metric, settings, tiny_models
+from service_helpers import (
+    assert_error,
+    async_client,
+    metric,
+    png_header,
+    record_queue,
+    settings,
+    tiny_models,
+)
 
 from service.app import create_app
 
@@ -121,14 +127,7 @@ def test_two_requests_the_size_of_the_bound_never_queue_more_than_it():
 
     async def main():
         async with async_client(app) as c:
-            gate = app.state.service.admission
-            enter = gate.enter
-
-            def counted(n: int) -> None:
-                enter(n)
-                peaks.append(gate.queued)
-
-            gate.enter = counted
+            record_queue(app.state.service.admission, peaks)
             big = await asyncio.gather(*[c.post("/generate", json={"n": 64}) for _ in range(2)])
             fits = await asyncio.gather(*[c.post("/generate", json={"n": 8, "seed": i})
                                           for i in range(4)])
@@ -193,18 +192,9 @@ def test_a_body_slower_than_the_body_timeout_gets_408_and_the_connection_closes(
 
 
 # ---- smaller holes ------------------------------------------------------------------------
-def _png_header(w: int, h: int) -> bytes:
-    """A PNG whose header claims w x h pixels, with almost no pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
-
-
 def test_a_huge_upload_is_refused_quoting_our_pixel_limit_not_pillows(client):
     for w, h in ((100_000, 100_000), (200, 200)):
-        r = client.post("/encode", content=_png_header(w, h), headers={
+        r = client.post("/encode", content=png_header(w, h), headers={
             "Content-Type": "image/png"})
         message = assert_error(r, 413, "image_too_large")["message"]
         assert f"{w}x{h}" in message and "limit of 10000 pixels" in message, message

@@ -5,14 +5,12 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from service_helpers import assert_error, png_of, settings, tiny_models
+from service_helpers import assert_error, png_header, png_of, settings, tiny_models
 
 from service.app import create_app
 
@@ -127,15 +125,6 @@ def test_bad_decode_input_is_422(client, body, word):
     assert word in err["message"], err
 
 
-def _png_header(w: int, h: int) -> bytes:
-    """A PNG whose header claims w x h pixels, with almost no pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
-
-
 def _digit_png() -> bytes:
     a = np.zeros((28, 28), np.uint8)
     a[5:20, 10:14] = 255
@@ -148,10 +137,10 @@ def _post_image(client, data: bytes, ctype: str = "image/png"):
 
 def test_pixel_limit_is_decided_from_the_header(client):
     # 100 megapixels claimed, a few bytes sent: refused before any decoding
-    assert_error(_post_image(client, _png_header(10_000, 10_000)), 413, "image_too_large")
-    assert_error(_post_image(client, _png_header(101, 100)), 413, "image_too_large")
+    assert_error(_post_image(client, png_header(10_000, 10_000)), 413, "image_too_large")
+    assert_error(_post_image(client, png_header(101, 100)), 413, "image_too_large")
     # within the limit, the same kind of file fails later, as corrupt data
-    assert_error(_post_image(client, _png_header(100, 100)), 422, "invalid_image")
+    assert_error(_post_image(client, png_header(100, 100)), 422, "invalid_image")
 
 
 def test_not_an_image_truncated_and_bad_crc_are_422(client):
@@ -228,5 +217,5 @@ def test_header_pixels_reads_sizes_without_decoding():
     assert header_pixels([encoded(30, 20, "PNG")]) == 600
     assert header_pixels([encoded(30, 20, "PNG"), encoded(7, 5, "JPEG"),
                           encoded(9, 4, "WEBP")]) == 600 + 35 + 36
-    assert header_pixels([_png_header(10_000, 10_000)]) == 10**8
+    assert header_pixels([png_header(10_000, 10_000)]) == 10**8
     assert header_pixels([encoded(3, 3, "PNG"), b"not an image"]) is None
