@@ -470,15 +470,20 @@ for (const type of ["pointerup", "pointercancel"]) {
   el.draw.addEventListener(type, () => { last = null; });
 }
 
+// one round-capped segment on a 2-D context: the drawing pen and the editor's brush
+function segment(context, style, width, from, to) {
+  context.strokeStyle = style;
+  context.lineWidth = width;
+  context.lineCap = "round";
+  context.lineJoin = "round";
+  context.beginPath();
+  context.moveTo(...from);
+  context.lineTo(...to);
+  context.stroke();
+}
+
 function stroke(from, to) {
-  ctx.strokeStyle = "#fff";
-  ctx.lineWidth = el.draw.width / 12;  // about an MNIST pen after the resize to 28 px
-  ctx.lineCap = "round";
-  ctx.lineJoin = "round";
-  ctx.beginPath();
-  ctx.moveTo(...from);
-  ctx.lineTo(...to);
-  ctx.stroke();
+  segment(ctx, "#fff", el.draw.width / 12, from, to);  // about an MNIST pen after the resize to 28 px
 }
 
 async function drawFile(file) {
@@ -588,14 +593,8 @@ function maskPoint(e) {
 }
 
 function brush(from, to) {
-  maskCtx.strokeStyle = "rgba(255, 45, 85, 0.6)";
-  maskCtx.lineWidth = Math.max(1, Number(el.brush.value) || 1) * edit.f;
-  maskCtx.lineCap = "round";
-  maskCtx.lineJoin = "round";
-  maskCtx.beginPath();
-  maskCtx.moveTo(...from);
-  maskCtx.lineTo(...to);
-  maskCtx.stroke();
+  segment(maskCtx, "rgba(255, 45, 85, 0.6)", Math.max(1, Number(el.brush.value) || 1) * edit.f,
+          from, to);
 }
 
 el.editMask.addEventListener("pointerdown", (e) => {

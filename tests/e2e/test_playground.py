@@ -117,9 +117,10 @@ def api_generate(base: str, body: dict) -> dict:
     return r.json()
 
 
-def draw_stroke(page, points: list[tuple[float, float]]) -> None:
-    """A mouse stroke through points given as fractions of the canvas."""
-    box = page.locator("#draw").bounding_box()
+def draw_stroke(page, points: list[tuple[float, float]], target: str = "#draw") -> None:
+    """A mouse stroke over the canvas `target` (the drawing; the editor's mask), through
+    points given as fractions of it."""
+    box = page.locator(target).bounding_box()
     xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
     page.mouse.move(*xy[0])
     page.mouse.down()
@@ -341,17 +342,6 @@ def test_a_server_with_keys_asks_for_one(browser):
 
 
 # ---- the editor: repaint a brushed region, extend into a wider canvas ---------------------
-def brush_stroke(page, points: list[tuple[float, float]]) -> None:
-    """A mouse stroke over the editor's mask, through points given as fractions of it."""
-    box = page.locator("#edit-mask").bounding_box()
-    xy = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
-    page.mouse.move(*xy[0])
-    page.mouse.down()
-    for x, y in xy[1:]:
-        page.mouse.move(x, y, steps=8)
-    page.mouse.up()
-
-
 def data_url(url: str) -> bytes:
     head, _, data = url.partition(",")
     assert head == "data:image/png;base64", head
@@ -373,7 +363,7 @@ def test_repaint_a_brushed_region(watched, server):
     source = watched.pixels("#result")
     page.click("#edit-use")
     page.wait_for_selector("#repaint:not([disabled])")
-    brush_stroke(page, [(0.1, 0.45), (0.9, 0.45)])
+    draw_stroke(page, [(0.1, 0.45), (0.9, 0.45)], "#edit-mask")
     page.click("#repaint")
     page.wait_for_selector("#result[data-state=done]", state="attached")
     post = watched.posts("/generate")[-1]
