@@ -11,12 +11,12 @@ image holds one row, two when guided; a **slot**, as in TAMING_GENERATE_SLOTS an
 beyond the model's (relative-position models): a lane holds at most one beside its rows and
 steps a **wavefront** of its cells with them. On the device, a lane's rows are a `RowCache`
 and a canvas's keys a `CanvasCache` (models/gpt.py): the KV caches of the model's one forward.
-The previews of streamed rows are built from **patches** (each code's decoded patch, made once
-at start-up). A lane's **scheduler** seats images in rows, compacts them and frees them
-(bookkeeping only); its **runner** owns the device side, and one **step** gives every occupied
-row its next token. Everything else runs as **batches** that the **collector** forms from its
-queues and its runners run to completion; requests received but not yet queued are
-**arrivals** (a filling batch waits for them).
+The previews of streamed rows are built from **patches** (each code's decoded patch, made the
+first time a preview shows the code, then kept). A lane's **scheduler** seats images in rows,
+compacts them and frees them (bookkeeping only); its **runner** owns the device side, and one
+**step** gives every occupied row its next token. Everything else runs as **batches** that the
+**collector** forms from its queues and its runners run to completion; requests received but
+not yet queued are **arrivals** (a filling batch waits for them).
 
 Reading order: `admission` (the gate), `scheduler` (rows), `runner` (the device), `lanes`
 (threads and the bridge to the event loop), `batches` (the collector).

@@ -137,8 +137,6 @@ class Lane:
             e.on_thread()
         with torch.inference_mode():
             eager = self.runner.prepare(e.compile, e.compile_deadline)
-            if self.index == 0:
-                e.patches.build(e.gpt, e.decode)
         if eager:
             log.warning("%s lane %d: compile budget spent; %d step graphs run eager",
                         e.name, self.index, eager)
@@ -273,9 +271,8 @@ class GenerationEngine:
         self.on_thread = on_thread
         rows = 2 * slots  # a guided image holds two rows
         per_lane = max(2, -(-rows // lanes))
-        self.gpt = gpt
-        self.patches = Patches()  # previews of streamed rows
-        self.canvas_runner = CanvasRunner(name, gpt, metrics, self.patches)
+        self.patches = Patches(gpt, decode)  # previews of streamed rows
+        self.canvas_runner = CanvasRunner(name, gpt, metrics)
         self.lanes = [Lane(self, i, StepRunner(name, gpt, per_lane, metrics))
                       for i in range(lanes)]
         self._lock = threading.Condition()
