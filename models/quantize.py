@@ -45,13 +45,15 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def quantize(gpt: GPT, kind: str) -> GPT:
-    """A copy of `gpt` (on the CPU) with every Linear in `kind`; raises ValueError."""
+def quantize(gpt: GPT, kind: str, *, in_place: bool = False) -> GPT:
+    """`gpt` (on the CPU) with every Linear in `kind`: a copy, or `gpt` itself changed when
+    `in_place` (a server loading a large model need not hold its float32 weights twice);
+    raises ValueError."""
     if kind not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {kind!r}: one of {', '.join(QUANTIZATIONS)}")
     if next(gpt.parameters()).device.type != "cpu":
         raise ValueError("int8 weights are for CPU serving")
-    out = copy.deepcopy(gpt).eval()
+    out = (gpt if in_place else copy.deepcopy(gpt)).eval()
     for module in list(out.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):

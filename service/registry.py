@@ -191,7 +191,7 @@ def load_models(settings: Settings) -> dict[str, ModelEntry]:
         kind = quantized.get(name, quantized.get("*"))
         if kind and bundle.gpt is not None:
             if torch.device(device).type == "cpu":
-                bundle.gpt = quantize(bundle.gpt, kind)
+                bundle.gpt = quantize(bundle.gpt, kind, in_place=True)
                 bundle.quantization = kind
             else:
                 log.info("%s: TAMING_QUANTIZE applies on CPU only; serving it as loaded", name)
