@@ -228,8 +228,11 @@ class CausalSelfAttention(nn.Module):
                    for t in self.qkv(x).split(C, dim=2))  # (B, nh, L, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        H, hd, S = self.n_head, self.head_dim, k.shape[2]
+        att = torch.baddbmm(bias.expand(B, H, L, S).reshape(B * H, L, S), q.reshape(B * H, L, hd),
+                            k.reshape(B * H, S, hd).transpose(1, 2), alpha=1.0 / math.sqrt(hd))
+        att = F.dropout(att.softmax(dim=-1), self.dropout, self.training)
+        y = torch.bmm(att, v.reshape(B * H, S, hd)).view(B, H, L, hd)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
