@@ -221,15 +221,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor,
                 cache: RowCache | CanvasCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x (B, L, C); `bias` additive, broadcastable to (B, heads, L, keys). With a cache,
-        the keys are those it returns for this layer; without, the L positions' own."""
+        """x (B, L, C); `bias` additive, (B * heads, L, keys). With a cache, the keys are
+        those it returns for this layer; without, the L positions' own."""
         B, L, C = x.shape
-        q, k, v = (t.view(B, L, self.n_head, self.head_dim).transpose(1, 2)
-                   for t in self.qkv(x).split(C, dim=2))  # (B, nh, L, hd)
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         H, hd, S = self.n_head, self.head_dim, k.shape[2]
-        att = torch.baddbmm(bias.expand(B, H, L, S).reshape(B * H, L, S), q.reshape(B * H, L, hd),
+        att = torch.baddbmm(bias, q.reshape(B * H, L, hd),
                             k.reshape(B * H, S, hd).transpose(1, 2), alpha=1.0 / math.sqrt(hd))
         att = F.dropout(att.softmax(dim=-1), self.dropout, self.training)
         y = torch.bmm(att, v.reshape(B * H, S, hd)).view(B, H, L, hd)
@@ -334,6 +334,9 @@ class GPT(nn.Module):
             bias = cache.bias(self)
         elif bias is None:
             bias = self.attention_bias(pos, L)
+        # once for every layer: broadcast over the batch and heads, one matrix per (image, head)
+        H = self.config.n_head
+        bias = bias.expand(B, H, L, bias.shape[-1]).reshape(B * H, L, bias.shape[-1])
         for layer, blk in enumerate(self.blocks):
             x = blk(x, bias, cache, layer)
         logits = self.head(self.ln_f(x))
