@@ -19,9 +19,10 @@ import torch
 from fastapi import Request
 
 from .engine.admission import Admission
+from .engine.batch_runners import runners_for
 from .engine.batches import Arrivals, BatchPolicy, Collector
-from .engine.lanes import GenerateJob, GenerationEngine, lane_count
-from .engine.runner import GeneratePayload, runners_for
+from .engine.jobs import GenerateJob, GeneratePayload
+from .engine.lanes import GenerationEngine, lane_count
 from .errors import ServiceError
 from .metrics import Metrics
 from .middleware import LOG_KEY

@@ -18,15 +18,19 @@ compacts them and frees them (bookkeeping only); its **runner** owns the device 
 **collector** forms from its queues and its runners run to completion; requests received but
 not yet queued are **arrivals** (a filling batch waits for them).
 
-Reading order: `admission` (the gate), `scheduler` (rows), `runner` (the device), `lanes`
-(threads and the bridge to the event loop), `batches` (the collector).
+Reading order: `jobs` (the request objects), `admission` (the gate), `scheduler` (rows),
+`step_runner` and `canvas_runner` (the device; `previews` for streamed rows), `lanes` (the
+loop: schedule, run, postprocess; threads and the bridge to the event loop), `batches` (the
+collector) with `batch_runners`; `oom` (the out-of-memory split both use).
 """
 
 from .admission import Admission
+from .batch_runners import runners_for
 from .batches import Arrivals, BatchJob, BatchPolicy, Collector
-from .lanes import GenerateJob, GenerationEngine, lane_count
-from .runner import GeneratePayload, StepRunner, runners_for
-from .scheduler import Image, Scheduler
+from .jobs import GenerateJob, GeneratePayload, Image
+from .lanes import GenerationEngine, lane_count
+from .scheduler import Scheduler
+from .step_runner import StepRunner
 
 __all__ = ["Admission", "Arrivals", "BatchJob", "BatchPolicy", "Collector", "GenerateJob",
            "GeneratePayload", "GenerationEngine", "Image", "Scheduler", "StepRunner",

@@ -11,7 +11,7 @@ ready, so a thread never idles while the loop sends the previous batch's answers
 Admission (service.engine.admission, shared with the generation engines): a bound on the
 images queued everywhere (503 past it), a deadline per job (504 when it passes while
 queued); jobs whose client went away are dropped before compute, and
-out-of-memory splits a batch (engine.runner.split_on_oom). A job's state is its future: queued while its
+out-of-memory splits a batch (engine.oom.split_on_oom). A job's state is its future: queued while its
 future is pending and it sits in a queue, finished once the future is done.
 """
 
@@ -33,7 +33,7 @@ import torch
 from ..errors import ServiceError
 from ..metrics import Metrics
 from .admission import Admission
-from .runner import split_on_oom, too_big
+from .oom import split_on_oom, too_big
 
 log = logging.getLogger("taming.batching")
 

@@ -1,16 +1,19 @@
 """The generation engine: lanes (threads) stepping their rows, and the bridge to the event loop.
 
 Each transformer gets `lanes` threads, each with its own scheduler (which image holds which
-rows) and step runner (those rows on the device). A lane loops: take waiting images into
-free rows, run one step over the occupied rows (padded to a fixed size), decode and hand out
-what finished. Images join at any step boundary and leave the moment their last token is
-picked, so a request never waits for another one's tail. Lanes pull from one shared queue,
+rows) and step runner (those rows on the device). A lane's loop is three calls:
+`batch = lane.schedule()` (waiting images into free rows, cancelled ones out, the padded size
+and the compaction of the next step, what it will complete), `out = lane.run(batch)` (the
+device: one step over the occupied rows and one of the canvas, codes, decodes and previews),
+`lane.postprocess(out)` (rows freed, results handed to the event loop). Images join at any
+step boundary and leave the moment their last token is picked, so a request never waits for
+another one's tail. Lanes pull from one shared queue,
 so whichever lane has room takes the next image. A lane decodes its finished images (and
 streamed previews) itself, at its own priority: through the tokenizer's batches they queued
 behind /encode on niced threads.
 
 A canvas (a grid beyond the model's, for a relative model: models/canvas.py) is one image
-that a lane holds beside its rows, one canvas a lane: each loop also runs one step of the
+that a lane holds beside its rows, one canvas a lane: each turn also runs one step of the
 canvas's wavefront, at most half the lane's rows wide while other images wait or sample, so
 it never holds a lane to itself. Its rows are streamed as strips as they complete.
 
@@ -35,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +49,11 @@ from models.sampling import SamplingBatch
 from ..errors import ServiceError
 from ..metrics import Metrics
 from .admission import Admission
-from .runner import CanvasRunner, Patches, StepRunner
-from .scheduler import Image, Scheduler
+from .canvas_runner import CanvasRunner
+from .jobs import GenerateJob, Image
+from .previews import Patches
+from .scheduler import Scheduler
+from .step_runner import StepRunner
 
 log = logging.getLogger("taming.generation")
 
@@ -70,50 +77,39 @@ def canvas_deadline(now: float, started: float, cells: int, done: int, checked: 
     return now + CANVAS_SLACK * (cells - done) / rate + timeout_s
 
 
-@dataclass(eq=False, repr=False)
-class GenerateJob:
-    """One /generate request in the engine. Lanes touch it under the engine's lock."""
+@dataclass(eq=False)
+class Batch:
+    """What one turn of a lane runs, as its scheduler decided it."""
 
-    n: int
-    image: Callable[[int], SamplingBatch]  # image i's seeded one-row batch (built by a lane)
-    guided: bool
-    grid: tuple[int, int]
-    future: asyncio.Future
-    arrival: float
-    filtered: bool  # uses top-k or top-p: its lane steps with the sort
-    # (image, row, tokens, preview): the preview decodes the rows so far, black below
-    on_row: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None
-    tokens: np.ndarray = field(init=False)
-    images: np.ndarray | None = None  # (n, H, W, C) uint8, filled as images finish
-    left: int = field(init=False)  # images not finished
-    cancelled: str | None = None  # why it must leave (client_gone, deadline)
-    started: float | None = None  # when its first image entered a slot (loop.time())
-    first_row: float | None = None
-    finished: float | None = None
-    company: int = 0  # images sampling in its lane at its first step
-    timeout_s: float = 0.0  # the request timeout: to start, and to finish unless a canvas
-    since: float = 0.0  # when the request arrived (its header; loop.time()): deadlines count
-    cells: int = 0  # canvas cells in all its images (0: not a canvas)
-    cells_done: int = 0  # canvas cells sampled so far (lanes add, under the engine's lock)
-    cells_checked: int = 0  # cells_done at the last deadline check
+    joined: list[Image]  # seated this turn: their rows take their seeded settings first
+    freed: list[int]  # rows of images that left (cancelled), parked before the step
+    size: int  # the padded size of the row step (0: no row steps)
+    moves: tuple[list[int], list[int]]  # (src, dst): the compaction below `size`
+    filtered: bool  # some row uses top-k or top-p
+    rows: list[Image]  # images whose token row the step completes (that the loop hears of)
+    finished: list[Image]  # images whose grid the step completes
+    active: int  # images sampling in rows this step
+    canvas: Image | None  # the lane's canvas, which steps this turn too
+    canvas_width: int  # at most this many wavefront cells of it
 
-    def __post_init__(self) -> None:
-        self.tokens = np.zeros((self.n, self.grid[0] * self.grid[1]), dtype=np.int64)
-        self.left = self.n
 
-    def deliver(self, index: int, codes: np.ndarray, image: np.ndarray) -> bool:
-        """Image `index` is done (under the engine's lock: two lanes may finish images of
-        one job at once); True when it was the job's last."""
-        self.tokens[index] = codes
-        if self.images is None:
-            self.images = np.zeros((self.n, *image.shape), dtype=image.dtype)
-        self.images[index] = image
-        self.left -= 1
-        return self.left == 0
+@dataclass(eq=False)
+class Output:
+    """What a turn produced on the device, for `postprocess` to hand out."""
+
+    batch: Batch
+    step_s: float = 0.0
+    codes: dict[int, np.ndarray] = field(default_factory=dict)  # by row
+    pictures: dict[int, Any] = field(default_factory=dict)  # by id of the image
+    canvas_cells: int = 0  # canvas cells sampled
+    canvas_s: float = 0.0
+    strips: list = field(default_factory=list)  # (row, cells, strip) of the canvas
+    canvas_codes: np.ndarray | None = None  # the complete canvas
+    canvas_picture: np.ndarray | ServiceError | None = None
 
 
 class Lane:
-    """One thread, one scheduler, one step runner: steps the rows it holds until told to
+    """One thread, one scheduler, one step runner: schedule, run, postprocess, until told to
     stop. It reaches the engine only through its public methods (take, finish, fail)."""
 
     def __init__(self, engine: GenerationEngine, index: int, runner: StepRunner) -> None:
@@ -121,8 +117,9 @@ class Lane:
         self.index = index
         self.runner = runner
         self.scheduler = Scheduler(runner.capacity, runner.sizes, runner.cols, runner.seq_len)
-        self.canvas: Image | None = None  # set by the engine's take, under its lock
-        self.sampler = None  # the canvas's CanvasSampler, once started on this thread
+        self.canvas: Image | None = None  # the canvas this lane samples
+        self.sampler = None  # its CanvasSampler, once started on this thread
+        self.taken: list[Image] = []  # the turn's joining and finishing images: a fault fails them
         self.prepared = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"taming-gen-{engine.name}-{index}",
                                        daemon=True)
@@ -155,99 +152,129 @@ class Lane:
         e.lane_ready(self)
         with torch.inference_mode():
             while True:
-                joined = e.take(self)
-                if joined is None:
-                    break
                 try:
-                    self._admit(joined)
-                    if self.scheduler.active:
-                        self._step()
-                    if self.canvas is not None:
-                        self._canvas_step()
+                    batch = self.schedule()
+                    if batch is None:
+                        break
+                    self.postprocess(self.run(batch))
                 except Exception as exc:  # a bug or a device fault: its images fail, not the lane
-                    self._fail(joined, exc)
+                    self._fail(exc)
 
-    def _admit(self, joined: list[Image]) -> None:
-        if not joined:
-            return
+    # ---- the three steps of a turn ---------------------------------------------------------
+    def schedule(self) -> Batch | None:
+        """Bookkeeping only: cancelled images out, waiting ones into free rows (blocking while
+        the lane has nothing to do), the next step's size and compaction, and what it will
+        complete. None: the engine is stopping and the lane is empty."""
         s = self.scheduler
+        gone = s.cancelled()
+        freed = s.release(gone) if gone else []
+        if self.canvas is not None and self.canvas.job.cancelled:
+            self.canvas = self.sampler = None
+            gone.append(None)
+        if gone:
+            self.engine.count_active()
+        self.taken = []
+        taken = self.engine.take(len(s.free), want_canvas=self.canvas is None,
+                                 idle=not s.active and self.canvas is None)
+        if taken is None:
+            return None
+        joined, canvas = taken
+        self.taken = [*joined, *([canvas] if canvas is not None else [])]
         for im in joined:
+            if not s.seat(im):
+                raise AssertionError("the engine took more images than the lane has rows for")
             if not im.job.company:
                 im.job.company = len(s.active) + len(joined)
-        self.runner.admit(joined)
         s.admit(joined)
-        self.engine.count_active()
+        if canvas is not None:
+            self.canvas, self.sampler = canvas, None
+        if joined or canvas is not None:
+            self.engine.count_active()
+        size, src, dst = s.compact() if s.active else (0, [], [])
+        rows, finished = s.advance() if s.active else ([], [])
+        width = 0
+        if self.canvas is not None:  # half the rows wide while other images wait or sample
+            busy = s.active or self.engine.waiting
+            width = max(1, self.runner.capacity // 2) if busy else self.runner.capacity
+        self.taken.extend(finished)  # held until they are delivered
+        return Batch(joined, freed, size, (src, dst), s.filtered, rows, finished, len(s.active),
+                     self.canvas, width)
 
-    def _step(self) -> None:
-        """Compact, step, advance; then decode, release and deliver what finished."""
-        e, s, r = self.engine, self.scheduler, self.runner
-        size, src, dst = s.compact()
-        r.move(src, dst)
-        t0 = time.perf_counter()
-        r.step(size, s.filtered)
-        rows, finished = s.advance()
-        codes = r.codes(rows + finished) if rows or finished else {}
-        dt = time.perf_counter() - t0
-        # decoded while they still hold their rows: a fault fails them with the rest
-        pictures = r.pictures(rows, finished, codes, e.decode, e.patches) if codes else {}
-        e.metrics.step_duration.labels(e.name, str(size)).observe(dt)
-        e.metrics.batch_size.labels("generate", e.name).observe(len(s.active))
-        if finished:  # their rows are free before anyone hears they are done
-            r.release(s.release(finished))
-            e.count_active()
-        if codes:
-            e.finish(rows, finished, codes, pictures)
+    def run(self, batch: Batch) -> Output:
+        """The device: rows parked, seeded and moved, one step of the rows and one of the
+        canvas's wavefront; codes copied back, finished images decoded (while they still hold
+        their rows: a fault fails them with the rest), previews and strips built."""
+        e, r = self.engine, self.runner
+        out = Output(batch)
+        if batch.freed:
+            r.release(batch.freed)
+        r.seed(batch.joined)
+        if batch.moves[0]:
+            r.move(*batch.moves)
+        if batch.size:
+            t0 = time.perf_counter()
+            r.step(batch.size, batch.filtered)
+            done = batch.rows + batch.finished
+            out.codes = r.codes(done) if done else {}
+            out.step_s = time.perf_counter() - t0
+            if out.codes:
+                out.pictures = r.pictures(batch.rows, batch.finished, out.codes, e.decode,
+                                          e.patches)
+        if batch.canvas is not None:
+            self._run_canvas(batch.canvas, batch.canvas_width, out)
+        return out
 
-    def _canvas_step(self) -> None:
-        """One step of the canvas's wavefront; strips of the rows it completed go to a
-        streamed request, and a complete canvas is decoded and delivered."""
-        e, im = self.engine, self.canvas
+    def _run_canvas(self, im: Image, width: int, out: Output) -> None:
+        e = self.engine
         if self.sampler is None:
             self.sampler = e.canvas_runner.start(im)
         s = self.sampler
-        busy = self.scheduler.active or e.waiting
-        limit = max(1, self.runner.capacity // 2) if busy else self.runner.capacity
         t0 = time.perf_counter()
-        cells = s.plan(limit)
+        cells = s.plan(width)
         completed = s.step(cells)
-        e.metrics.step_duration.labels(e.name, "canvas").observe(time.perf_counter() - t0)
-        job, W = im.job, s.grid[1]
-        e.progress(job, len(cells))
-        strips = []
+        out.canvas_s = time.perf_counter() - t0
+        out.canvas_cells = len(cells)
+        W = s.grid[1]
         for row in completed:
-            if job.on_row is not None:
-                cells = s.codes[row * W:(row + 1) * W].cpu().numpy()
-                strips.append((row, cells, e.patches.strip(cells)))
+            if im.job.on_row is not None:
+                codes = s.codes[row * W:(row + 1) * W].cpu().numpy()
+                out.strips.append((row, codes, e.patches.strip(codes)))
             elif row == 0:
-                strips.append((row, None, None))  # its time to first row
-        codes = picture = None
+                out.strips.append((row, None, None))  # its time to first row
         if s.done:
-            codes = s.codes.cpu().numpy()
-            picture = e.canvas_runner.picture(s, e.decode)
-            e.leave_canvas(self)
-        if strips or codes is not None:
-            e.finish_canvas(im, strips, codes, picture)
+            out.canvas_codes = s.codes.cpu().numpy()
+            out.canvas_picture = e.canvas_runner.picture(s, e.decode)
 
-    def drop_cancelled(self) -> None:
-        """Called under the engine lock: rows of cancelled jobs leave now, and a cancelled
-        canvas with its keys."""
-        gone = self.scheduler.cancelled()
-        if gone:
-            self.runner.release(self.scheduler.release(gone))
-            self.engine.count_active()
-        if self.canvas is not None and self.canvas.job.cancelled:
-            self.canvas = self.sampler = None
-            self.engine.count_active()
+    def postprocess(self, out: Output) -> None:
+        """Finished images leave their rows before anyone hears they are done; codes, images,
+        previews and strips go to their jobs and the event loop."""
+        e, s, batch = self.engine, self.scheduler, out.batch
+        if batch.size:
+            e.metrics.step_duration.labels(e.name, str(batch.size)).observe(out.step_s)
+            e.metrics.batch_size.labels("generate", e.name).observe(batch.active)
+        if batch.finished:
+            self.runner.release(s.release(batch.finished))
+            e.count_active()
+        if out.codes:
+            e.finish(batch.rows, batch.finished, out.codes, out.pictures)
+        if batch.canvas is not None:
+            e.metrics.step_duration.labels(e.name, "canvas").observe(out.canvas_s)
+            e.progress(batch.canvas.job, out.canvas_cells)
+            if out.canvas_codes is not None:
+                self.canvas = self.sampler = None
+                e.count_active()
+            if out.strips or out.canvas_codes is not None:
+                e.finish_canvas(batch.canvas, out.strips, out.canvas_codes, out.canvas_picture)
 
-    def _fail(self, joined: list[Image], exc: Exception) -> None:
+    def _fail(self, exc: Exception) -> None:
         """Every image the lane holds leaves, and their requests answer 500; the lane starts
         over from empty rows."""
         e = self.engine
         log.error("generation lane %s/%d failed a step", e.name, self.index, exc_info=exc)
-        held = {id(im): im for im in [*joined, *self.scheduler.clear()]}
+        held = {id(im): im for im in [*self.taken, *self.scheduler.clear()]}
         if self.canvas is not None:
             held[id(self.canvas)] = self.canvas
-            e.leave_canvas(self)
+        self.canvas = self.sampler = None
         self.runner.release(list(range(self.runner.capacity)))
         e.count_active()
         e.fail({id(im.job): im.job for im in held.values()}.values(),
@@ -387,38 +414,36 @@ class GenerationEngine:
         log.error("generation lane %s/%d failed to start", self.name, lane.index, exc_info=exc)
         self._loop.call_soon_threadsafe(_resolve, self._started, exc)
 
-    def take(self, lane: Lane) -> list[Image] | None:
-        """Waiting images seated in the lane's free rows (None: stop the lane). Blocks while
-        there is nothing to do."""
+    def take(self, room: int, *, want_canvas: bool, idle: bool
+             ) -> tuple[list[Image], Image | None] | None:
+        """Waiting images that fit in `room` free rows (in order), and the next canvas when
+        the lane has none; they have left the queue. An idle lane blocks until there is work;
+        None: the engine is stopping and the lane is idle."""
         with self._lock:
-            lane.drop_cancelled()
-            while (not self._waiting and not lane.scheduler.active and lane.canvas is None
-                   and not self._canvases):
+            while idle and not self._waiting and not self._canvases:
                 if self._stopping:
                     return None
                 self._lock.wait()
-                lane.drop_cancelled()
             joined: list[Image] = []
-            while self._waiting and lane.scheduler.seat(self._waiting[0]):
-                joined.append(self._waiting.popleft())
-            if lane.canvas is None and self._canvases:
-                lane.canvas = self._canvases.popleft()
-                lane.canvas.job.company = lane.canvas.job.company or 1  # a canvas runs alone
-                seated = [*joined, lane.canvas]
-                self.count_active()
-            else:
-                seated = joined
-            now = self._loop.time() if seated else None
-            for im in seated:
-                job = im.job
-                if job.started is None:
-                    job.started = now
-                    self.metrics.queue_wait.labels("generate", self.name).observe(
-                        now - job.arrival)
+            while self._waiting and 1 + self._waiting[0].job.guided <= room:
+                im = self._waiting.popleft()
+                room -= 1 + im.job.guided
+                joined.append(im)
+            canvas = self._canvases.popleft() if want_canvas and self._canvases else None
+            if canvas is not None:
+                canvas.job.company = canvas.job.company or 1  # a canvas runs alone
+            seated = [*joined, *([canvas] if canvas is not None else [])]
             if seated:
+                now = self._loop.time()
+                for im in seated:
+                    job = im.job
+                    if job.started is None:
+                        job.started = now
+                        self.metrics.queue_wait.labels("generate", self.name).observe(
+                            now - job.arrival)
                 self.admission.leave(len(seated))
                 self.metrics.queue_depth.labels("generate", self.name).dec(len(seated))
-            return joined
+            return joined, canvas
 
     def progress(self, job: GenerateJob, cells: int) -> None:
         """A lane sampled `cells` more cells of a canvas of `job` (its deadline reads them)."""
@@ -429,12 +454,6 @@ class GenerationEngine:
     def waiting(self) -> bool:
         """Whether images wait for rows (a lane's canvas then takes at most half of its)."""
         return bool(self._waiting)
-
-    def leave_canvas(self, lane: Lane) -> None:
-        """A lane's canvas is done (or failed): the lane may take the next one."""
-        with self._lock:
-            lane.canvas = lane.sampler = None
-        self.count_active()
 
     def count_active(self) -> None:
         self.metrics.slots_active.labels(self.name).set(

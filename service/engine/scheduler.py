@@ -4,28 +4,12 @@ It seats waiting images in free rows (one row, two when guided), picks the padde
 the next step and the row moves that compact the occupied rows below it, advances every
 image by one cell after a step and says which finished a token row or the whole grid, and
 frees an image's rows the moment it leaves. The lane applies what it decides to the device
-(engine.runner) and tells the event loop (engine.lanes).
+(engine.step_runner) and tells the event loop (engine.lanes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-
-@dataclass(eq=False)
-class Image:
-    """One image of a job, while it waits or samples."""
-
-    job: Any  # its GenerateJob: guided, filtered, on_row, first_row and cancelled are read
-    index: int  # its place in the job (image i samples with seed + i)
-    cond: int = -1  # its row; it carries the image's settings
-    uncond: int | None = None  # its guidance partner's row, when guided
-    pos: int = 0  # cells picked so far
-
-    @property
-    def rows(self) -> list[int]:
-        return [self.cond] if self.uncond is None else [self.cond, self.uncond]
+from .jobs import Image
 
 
 class Scheduler:
@@ -83,7 +67,7 @@ class Scheduler:
         return self.filtering > 0
 
     def advance(self) -> tuple[list[Image], list[Image]]:
-        """After a step: every active image moved one cell on. Returns (rows, finished):
+        """The coming step moves every active image one cell on. Returns (rows, finished):
         images that completed a token row the event loop hears of (every row of a streamed
         job, the first row of any other, for its time to first row) and images whose grid is
         complete."""

@@ -18,7 +18,7 @@ from models.sampling import FREE, check_settings
 
 from .. import edits
 from ..deps import json_body, service_of
-from ..engine.runner import GeneratePayload
+from ..engine.jobs import GeneratePayload
 from ..errors import ServiceError, describe_validation, invalid
 from ..imaging import header_pixels
 from ..openapi import body_schema

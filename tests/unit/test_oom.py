@@ -1,4 +1,4 @@
-"""Out-of-memory splitting (service.engine.runner), on its own: halves until each piece fits, one image
+"""Out-of-memory splitting (service.engine.oom), on its own: halves until each piece fits, one image
 that cannot fit fails alone, and every other error is left to the caller."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.runner import is_oom, split_on_oom
+from service.engine.oom import is_oom, split_on_oom
 
 OOM = "CUDA out of memory. Tried to allocate 1 GiB"
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from service.engine.scheduler import Image, Scheduler
+from service.engine.jobs import Image
+from service.engine.scheduler import Scheduler
 
 
 @dataclass(eq=False)
