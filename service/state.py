@@ -116,7 +116,7 @@ class Service:
             await self.collector.call(warm_up, entry)
             if not entry.can_generate:
                 continue
-            gen = GenerationEngine(
+            gen = GenerationEngine.for_model(
                 name, entry.bundle.gpt, self.metrics, slots=entry.slots or s.generate_slots,
                 lanes=lane_count(device, budget), compile=s.compile, compile_deadline=deadline,
                 admission=self.admission, decode=entry.tokenizer.decode_pixels,
