@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -10,7 +9,8 @@ from starlette.responses import Response
 
 from ..deps import service_of
 from ..errors import ServiceError, invalid
-from ..imaging import MEDIA_TYPES, header_pixels, prepare
+from ..imaging import MEDIA_TYPES
+from ..inference import encode_uploads
 from ..responses import encode_json
 from ..schemas import MAX_NAME, EncodeResponse
 from . import errors
@@ -78,12 +78,3 @@ async def encode(request: Request) -> Response:
     blobs = await _read_uploads(request, svc.settings.max_images)
     tokens = await encode_uploads(request, svc, entry, blobs)
     return Response(encode_json(entry.name, tokens), media_type="application/json")
-
-
-async def encode_uploads(request: Request, svc, entry, blobs: list[bytes]) -> np.ndarray:
-    """Image files -> token grids (N, rows, cols): the upload policy, then the tokenizer's
-    batches (this route and /v1/images/variations)."""
-    x = await svc.offload(prepare, blobs, entry.channels, entry.image_size,
-                          svc.settings.max_image_pixels, pixels=header_pixels(blobs))
-    out = await svc.run(request, entry, "encode", None, x, len(blobs))
-    return out["tokens"]
