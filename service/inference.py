@@ -146,7 +146,7 @@ async def _sampled(request: Request, svc: Service, entry: ModelEntry,
     finally:
         watch.cancel()
         svc.cancel(entry, job, "client_gone")  # a cancelled handler: its rows leave too
-        svc.log_ticket(request, job)
+        svc.log_job(request, job)
 
 
 async def disconnected(request: Request) -> None:

@@ -184,18 +184,13 @@ class Service:
         began = self.drain_started
         return began is not None and ctx.get("t0", float("inf")) < began
 
-    @staticmethod
-    def _arrived(ctx: dict, arrivals: Arrivals) -> None:
-        if ctx.pop("arriving", False):
-            arrivals.n -= 1
-
     async def run(self, request: Request, entry: ModelEntry, operation: str, shape: Any,
                   payload: Any, size: int) -> dict[str, np.ndarray]:
         """Queue work for the collector, wait for its batch, note timings for the access log."""
         ctx = request.scope.get(LOG_KEY, {})
         ctx["images"] = size
         runner = self.runners[(entry.name, operation)]
-        self._arrived(ctx, self.arrivals)
+        self.arrivals.settle(ctx)
         job = self.collector.submit(runner, shape, payload, size, is_gone=request.is_disconnected,
                                     admitted=self._admitted(ctx), since=ctx.get("arrival"))
         try:
@@ -216,14 +211,14 @@ class Service:
         """Hand a request's images to its model's generation engine."""
         ctx = request.scope.get(LOG_KEY, {})
         ctx["images"] = payload.n
-        self._arrived(ctx, self.arrivals)
+        self.arrivals.settle(ctx)
         return self.generators[entry.name].submit(
             payload.n, payload.image, guided=payload.guided, grid=payload.grid,
             filtered=payload.filtered, on_row=on_row,
             admitted=self._admitted(ctx), since=ctx.get("arrival"))
 
     @staticmethod
-    def log_ticket(request: Request, job: GenerateJob) -> None:
+    def log_job(request: Request, job: GenerateJob) -> None:
         """The access log's batch_size (images beside it at its first step), queue_ms (until
         its first step) and compute_ms (sampling) for a /generate request."""
         ctx = request.scope.get(LOG_KEY, {})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from ..deps import json_body, service_of
@@ -13,8 +13,6 @@ from ..openapi import body_schema
 from ..responses import decode_json, images_response
 from ..schemas import DecodeRequest, DecodeResponse
 from . import PNG_CONTENT, errors
-
-router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
 EXAMPLES = {
     "one": {"summary": "One 7x7 grid",
@@ -25,13 +23,15 @@ EXAMPLES = {
 }
 
 
-@router.post(
-    "/decode", summary="Decode token grids to images (PNG, or JSON)",
-    openapi_extra=body_schema(DecodeRequest, EXAMPLES, required=True),
-    responses={200: {"model": DecodeResponse, "content": PNG_CONTENT, "description": (
-        "image/png (one image, or a tiled grid for several) with an X-Model header; "
-        "application/json when the Accept header asks for it.")},
-               **errors(401, 404, 413, 415, 422, 503, 504)})
+# how /docs shows the route (service.app.INFERENCE_ROUTES serves it)
+DOCS = {"summary": "Decode token grids to images (PNG, or JSON)",
+        "openapi_extra": body_schema(DecodeRequest, EXAMPLES, required=True),
+        "responses": {200: {"model": DecodeResponse, "content": PNG_CONTENT, "description": (
+            "image/png (one image, or a tiled grid for several) with an X-Model header; "
+            "application/json when the Accept header asks for it.")},
+            **errors(401, 404, 413, 415, 422, 503, 504)}}
+
+
 async def decode(request: Request) -> Response:
     svc = service_of(request)
     body = await json_body(request, DecodeRequest)

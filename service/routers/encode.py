@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -14,8 +14,6 @@ from ..inference import encode_uploads
 from ..responses import encode_json
 from ..schemas import MAX_NAME, EncodeResponse
 from . import errors
-
-router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 REQUEST_BODY = {"requestBody": {"required": True, "description": (
@@ -68,9 +66,12 @@ def model_param(request: Request) -> str | None:
     return name
 
 
-@router.post("/encode", summary="Tokenize images",
-             openapi_extra={**REQUEST_BODY, "parameters": [MODEL_PARAM]},
-             response_model=EncodeResponse, responses=errors(401, 404, 413, 415, 422, 503, 504))
+# how /docs shows the route (service.app.INFERENCE_ROUTES serves it)
+DOCS = {"summary": "Tokenize images", "response_model": EncodeResponse,
+        "openapi_extra": {**REQUEST_BODY, "parameters": [MODEL_PARAM]},
+        "responses": errors(401, 404, 413, 415, 422, 503, 504)}
+
+
 async def encode(request: Request) -> Response:
     svc = service_of(request)
     entry = svc.model(model_param(request), request)

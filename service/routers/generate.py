@@ -6,7 +6,7 @@ import asyncio
 import json
 from functools import partial
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,8 +23,6 @@ from ..registry import ModelEntry
 from ..responses import b64png, dumps, generate_json, images_response, sse_event, wants_stream
 from ..schemas import GenerateRequest, GenerateResponse
 from . import PNG_CONTENT, errors
-
-router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
 EXAMPLES = {
     "digit": {"summary": "Four sevens, seeded",
@@ -72,16 +70,19 @@ SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}, "example": (
     '...\n\nevent: done\ndata: {"model": "mnist", "seed": 1234, "images": [...]}\n\n')}}
 
 
-@router.post(
-    "/generate", summary="Sample images (PNG, JSON with tokens, or streamed rows)",
-    openapi_extra=_request_body(),
-    responses={200: {"model": GenerateResponse, "content": {**PNG_CONTENT, **SSE_CONTENT},
-                     "description": (
+# how /docs shows the route (service.app.INFERENCE_ROUTES serves it)
+DOCS = {
+    "summary": "Sample images (PNG, JSON with tokens, or streamed rows)",
+    "openapi_extra": _request_body(),
+    "responses": {200: {"model": GenerateResponse, "content": {**PNG_CONTENT, **SSE_CONTENT},
+                        "description": (
         "image/png (one image, or a tiled grid for n > 1) with X-Seed and X-Model headers; "
         "application/json when the Accept header asks for it; with Accept: "
         "text/event-stream, an event `row` per completed token row of an image (its tokens "
         "and a PNG preview), then `done` with the JSON answer (or `error`).")},
-               **errors(401, 404, 413, 415, 422, 503, 504)})
+        **errors(401, 404, 413, 415, 422, 503, 504)}}
+
+
 async def generate(request: Request) -> Response:
     svc = service_of(request)
     if _media(request) == "multipart/form-data":
@@ -255,7 +256,7 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
             if not finished:
                 svc.cancel(entry, job, "client_gone")
             done.cancel()
-            svc.log_ticket(request, job)
+            svc.log_job(request, job)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache",
