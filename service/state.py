@@ -23,7 +23,7 @@ from .engine.batch_runners import runners_for
 from .engine.batches import Arrivals, BatchPolicy, Collector
 from .engine.jobs import GenerateJob, GeneratePayload
 from .engine.lanes import GenerationEngine, lane_count
-from .errors import ServiceError
+from .errors import RETRY_AFTER, ServiceError
 from .metrics import Metrics
 from .middleware import LOG_KEY
 from .registry import ModelEntry, load_models, warm_up
@@ -154,6 +154,13 @@ class Service:
             self.io.shutdown(wait=True)
 
     # ---- request helpers -------------------------------------------------------------------
+    def check_ready(self) -> None:
+        """503 while the models load or the server drains (/readyz and the protocols' own)."""
+        if self.draining:
+            raise ServiceError(503, "draining", "the server is shutting down", RETRY_AFTER)
+        if not self.ready:
+            raise ServiceError(503, "not_ready", "models are still loading", RETRY_AFTER)
+
     def model(self, name: str | None, request: Request | None = None) -> ModelEntry:
         """Look a name up in the loaded registry (never on disk); 404 when unknown."""
         entry = self.models.get(self.default_model if name is None else name)

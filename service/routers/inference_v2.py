@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..deps import service_of
-from ..errors import RETRY_AFTER, ServiceError, v2_error
+from ..errors import ServiceError, v2_error
 from ..inference import check_grids, sample_images, settings_of
 from ..lengths import parse_length
 from ..registry import ModelEntry
@@ -187,7 +187,7 @@ async def server_live() -> Response:
 @health_router.get("/health/ready", summary="KServe v2: readiness (models loaded, warmed up)",
                    response_model=Ready, responses=error_responses(V2Error, 503))
 async def server_ready(request: Request) -> Response:
-    _check_ready(service_of(request))
+    service_of(request).check_ready()
     return _json({"ready": True})
 
 
@@ -213,7 +213,7 @@ async def model_configuration(request: Request, name: str = NAME) -> Response:
             response_model=Ready, responses=error_responses(V2Error, 400, 401, 404, 503))
 async def model_ready(request: Request, name: str = NAME) -> Response:
     entry, op = _model(request, name)
-    _check_ready(service_of(request))
+    service_of(request).check_ready()
     return _json({"name": f"{entry.name}-{op}", "ready": True})
 
 
@@ -258,13 +258,6 @@ async def infer(request: Request, name: str = NAME) -> Response:
 def _json(obj: dict) -> Response:
     return Response(json.dumps(obj, separators=(",", ":")).encode(),
                     media_type="application/json")
-
-
-def _check_ready(svc) -> None:
-    if svc.draining:
-        raise ServiceError(503, "draining", "the server is shutting down", RETRY_AFTER)
-    if not svc.ready:
-        raise ServiceError(503, "not_ready", "models are still loading", RETRY_AFTER)
 
 
 def _model(request: Request, name: str) -> tuple[ModelEntry, str]:

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .. import edits
-from ..deps import service_of
+from ..deps import NOT_JSON, service_of
 from ..engine.jobs import GeneratePayload
 from ..errors import CODES, ServiceError, openai_error
 from ..imaging import header_pixels
@@ -286,8 +286,7 @@ def _model(entry: ModelEntry) -> dict:
 async def _json_fields(request: Request) -> dict:
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
-        raise ServiceError(415, CODES[415], "send the body as JSON, with Content-Type: "
-                           "application/json")
+        raise ServiceError(415, CODES[415], NOT_JSON)
     try:
         fields = json.loads(await request.body())
     except (ValueError, RecursionError):
