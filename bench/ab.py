@@ -4,11 +4,14 @@ same load, levels interleaved so that drift hits both alike.
     git worktree add /tmp/base <commit>
     python bench/ab.py --base /tmp/base --op encode --clients 1,64 [--rounds 3] [--duration 6]
     python bench/ab.py --base /tmp/base --op generate --clients 1 --rates 60,120,160
+    python bench/ab.py --base /tmp/base --op canvas [--rounds 3] [--canvas 128]
 
 Each side runs `python -m service` from its own checkout with default settings and the
 shipped mnist model; /generate, /encode and /decode requests as in bench/serve.py (one image
 each), each side measured alone (the other one stopped). Prints throughput and p50 per side
-and level, and the ratio. `--rates`: then Poisson arrivals of one-image /generate requests at
+and level, and the ratio. `--op canvas`: one landscapes canvas of `--canvas` tokens a side
+(128: 1024x1024 pixels) a round on each side, seeded alike: the time of each answer, and
+whether both sides drew the same PNG. `--rates`: then Poisson arrivals of one-image /generate requests at
 each rate (bench/generate.py's open loop, 3x the duration), mean and p99 latency per side.
 Not a test.
 """
@@ -20,6 +23,7 @@ import asyncio
 import json
 import statistics
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -33,10 +37,10 @@ from serve import ROOT, free_port, load_level, metric_sum, request_makers  # noq
 from models.checkpoint import load_bundle  # noqa: E402
 
 
-def server(root: Path) -> Process:
+def server(root: Path, models: str = "mnist") -> Process:
     port = free_port()
     env = {"TAMING_HOST": "127.0.0.1", "TAMING_PORT": str(port), "TAMING_LOG_LEVEL": "warning",
-           "TAMING_MODELS": "mnist", "TAMING_CHECKPOINT_DIR": str(ROOT / "checkpoints"),
+           "TAMING_MODELS": models, "TAMING_CHECKPOINT_DIR": str(ROOT / "checkpoints"),
            "PYTHONPATH": str(root)}
     return Process([sys.executable, "-m", "service"], env, "/readyz", port, cwd=root)
 
@@ -44,7 +48,8 @@ def server(root: Path) -> Process:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, type=Path, help="the other checkout")
-    ap.add_argument("--op", default="encode", choices=["generate", "encode", "decode"])
+    ap.add_argument("--op", default="encode", choices=["generate", "encode", "decode", "canvas"])
+    ap.add_argument("--canvas", type=int, default=128, help="--op canvas: tokens a side")
     ap.add_argument("--clients", default="1,64")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=6.0)
@@ -52,6 +57,8 @@ async def main() -> None:
     args = ap.parse_args()
     if args.rates and args.op != "generate":
         ap.error("--rates needs --op generate")
+    if args.op == "canvas":
+        return await canvas_ab(args)
     make = request_makers("mnist", load_bundle(ROOT / "checkpoints" / "mnist"))[args.op]
     sides = {"base": server(args.base.resolve()), "this": server(ROOT)}
     for p in sides.values():
@@ -80,6 +87,43 @@ async def main() -> None:
     dest = ROOT / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"ab_{args.op}.json").write_text(json.dumps(out, indent=1))
+
+
+async def canvas_ab(args) -> None:
+    """One canvas a round on each side, alone, the order alternating; same seed, same PNG."""
+    sides = {"base": server(args.base.resolve(), "landscapes"), "this": server(ROOT, "landscapes")}
+    for p in sides.values():
+        p.ready()
+    body = {"model": "landscapes", "grid": [args.canvas, args.canvas]}
+    runs: dict[str, list[float]] = {name: [] for name in sides}
+    same: list[bool] = []
+    try:
+        async with httpx.AsyncClient(timeout=600) as client:
+            for i in range(args.rounds):
+                pngs = {}
+                for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+                    with alone(sides, name):
+                        t0 = time.perf_counter()
+                        r = await client.post(f"http://127.0.0.1:{sides[name].port}/generate",
+                                              json={**body, "seed": i})
+                        runs[name].append(round(time.perf_counter() - t0, 3))
+                        r.raise_for_status()
+                        pngs[name] = r.content
+                same.append(pngs["base"] == pngs["this"])
+                print(f"canvas {args.canvas}x{args.canvas} round {i}: base {runs['base'][-1]} s, "
+                      f"this {runs['this'][-1]} s, same PNG {same[-1]}", flush=True)
+    finally:
+        for p in sides.values():
+            p.stop()
+    median = {k: statistics.median(v) for k, v in runs.items()}
+    out = {"op": "canvas", "base": str(args.base), "grid": body["grid"], "runs": runs,
+           "median_s": median, "this_over_base": round(median["base"] / median["this"], 3),
+           "same_png": same}
+    print(f"canvas: median base {median['base']} s, this {median['this']} s, speed ratio "
+          f"{out['this_over_base']}, same PNG every round: {all(same)}", flush=True)
+    dest = ROOT / "bench" / "results"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "ab_canvas.json").write_text(json.dumps(out, indent=1))
 
 
 def full_collections(p: Process) -> int:

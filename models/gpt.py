@@ -219,11 +219,11 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor,
+    def forward(self, x: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor,
                 cache: RowCache | CanvasCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x (B, L, C); `bias` additive, (B * heads, L, keys). With a cache, the keys are
-        those it returns for this layer; without, the L positions' own."""
-        B, L, C = x.shape
+        """x (B * L, C) of `shape` (B, L); `bias` additive, (B * heads, L, keys). With a
+        cache, the keys are those it returns for this layer; without, the L positions' own."""
+        (B, L), C = shape, x.shape[1]
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(
             2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hd)
         if cache is not None:
@@ -233,7 +233,7 @@ class CausalSelfAttention(nn.Module):
                             k.reshape(B * H, S, hd).transpose(1, 2), alpha=1.0 / math.sqrt(hd))
         att = F.dropout(att.softmax(dim=-1), self.dropout, self.training)
         y = torch.bmm(att, v.reshape(B * H, S, hd)).view(B, H, L, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, L, C))
+        return self.proj(y.transpose(1, 2).reshape(B * L, C))
 
 
 class MLP(nn.Module):
@@ -255,9 +255,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor,
+    def forward(self, x: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor,
                 cache: RowCache | CanvasCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), bias, cache, layer))
+        x = x + self.drop(self.attn(self.ln1(x), shape, bias, cache, layer))
         return x + self.mlp(self.ln2(x))
 
 
@@ -329,7 +329,8 @@ class GPT(nn.Module):
         B, L = idx.shape
         if pos is None:
             pos = torch.arange(L, device=idx.device)
-        x = self.drop(self.embed(idx, pos))
+        # the residual stream as (B * L, C): the Linears and LayerNorms see plain matrices
+        x = self.drop(self.embed(idx, pos)).view(B * L, -1)
         if cache is not None:
             bias = cache.bias(self)
         elif bias is None:
@@ -338,8 +339,8 @@ class GPT(nn.Module):
         H = self.config.n_head
         bias = bias.expand(B, H, L, bias.shape[-1]).reshape(B * H, L, bias.shape[-1])
         for layer, blk in enumerate(self.blocks):
-            x = blk(x, bias, cache, layer)
-        logits = self.head(self.ln_f(x))
+            x = blk(x, (B, L), bias, cache, layer)
+        logits = self.head(self.ln_f(x)).view(B, L, -1)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -112,6 +112,18 @@ def make_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = 
     plain request of the same seed does."""
     check_settings(model_cfg, n, grid, label=label, temperature=temperature, top_k=top_k,
                    top_p=top_p, cfg_scale=cfg_scale, prefix=prefix, cells=cells)
+    return build_batch(model_cfg, n, grid, label=label, temperature=temperature, top_k=top_k,
+                       top_p=top_p, cfg_scale=cfg_scale, prefix=prefix, cells=cells,
+                       generator=generator)
+
+
+def build_batch(model_cfg, n: int, grid: tuple[int, int], *, label: int | None = None,
+                temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                cfg_scale: float = 1.0, prefix: list[int] | None = None,
+                cells: Sequence[int] | None = None,
+                generator: torch.Generator | None = None) -> SamplingBatch:
+    """`make_batch` for settings `check_settings` passed already (a server checks each
+    request once, when it admits it, not once per image again)."""
     K = model_cfg.codebook_size
     T = grid[0] * grid[1]
     pre = torch.full((T,), FREE, dtype=torch.int64)

@@ -1,5 +1,6 @@
 """The app factory: `create_app(settings)` wires routers, errors, middleware and the lifespan;
-and the way in for the inference routes (InferenceRoutes).
+and the way in for the native inference routes: one table (`INFERENCE_ROUTES`) that
+`InferenceRoutes` serves and FastAPI documents.
 
 The lifespan loads and validates every checkpoint (unless the caller already did), warms each
 model up on the device thread, starts the batching engine, and on exit drains it: every
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 
 from fastapi import Depends, FastAPI
@@ -48,9 +50,25 @@ NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-# served by InferenceRoutes, past FastAPI's stack (FastAPI documents them)
-INFERENCE_ROUTES: dict[str, Handler] = {
-    "/generate": generate.generate, "/encode": encode.encode, "/decode": decode.decode}
+
+
+@dataclass(frozen=True)
+class InferenceRoute:
+    """A native inference route: the handler that serves it (through InferenceRoutes) and
+    how /docs shows it (FastAPI's `add_api_route` keywords: summary, responses, ...)."""
+
+    path: str
+    handler: Handler
+    docs: dict
+
+
+# The one table of the native inference routes: InferenceRoutes serves them, and create_app
+# registers the same entries with FastAPI for /docs and /openapi.json only.
+INFERENCE_ROUTES = (
+    InferenceRoute("/generate", generate.generate, generate.DOCS),
+    InferenceRoute("/encode", encode.encode, encode.DOCS),
+    InferenceRoute("/decode", decode.decode, decode.DOCS),
+)
 
 
 class InferenceRoutes:
@@ -64,10 +82,10 @@ class InferenceRoutes:
     /encode itself (BENCHMARKS.md, "One request path").
     """
 
-    def __init__(self, app, service: Service, routes: dict[str, Handler]) -> None:
+    def __init__(self, app, service: Service, routes: tuple[InferenceRoute, ...]) -> None:
         self.app = app
         self.svc = service
-        self.routes = routes
+        self.routes = {r.path: r.handler for r in routes}
 
     async def __call__(self, scope, receive, send) -> None:
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
@@ -138,16 +156,17 @@ def create_app(settings: Settings | None = None,
     # the key check of /models; InferenceRoutes makes it for the inference routes (their
     # schema says so, see openapi.add_security); a server without keys pays nothing for it
     auth = [Depends(require_api_key)] if settings.api_keys else []
-    for r in (generate.router, encode.router, decode.router):
-        app.include_router(r)
+    for route in INFERENCE_ROUTES:  # documented here, served by InferenceRoutes
+        app.add_api_route(route.path, route.handler, methods=["POST"], tags=["inference"],
+                          **route.docs)
     # the protocol adapters check the key inside their route class (their errors' shape)
     for r in (models_router.router, openai_images.router, inference_v2.router):
         app.include_router(r, dependencies=auth)
     app.include_router(health.router)
     app.include_router(inference_v2.health_router)  # probes need no key, as /readyz
     openapi.install_docs(app)  # /docs with its assets served here, not from a CDN
-    openapi.document_headers(app, secured=tuple(INFERENCE_ROUTES) if settings.api_keys else (),
-                             limits=partial(schema_limits, svc))
+    secured = tuple(r.path for r in INFERENCE_ROUTES) if settings.api_keys else ()
+    openapi.document_headers(app, secured=secured, limits=partial(schema_limits, svc))
     app.include_router(playground.router)
     layers: list[tuple[type, dict]] = [(RequestMiddleware, {
         "metrics": svc.metrics, "max_body_bytes": settings.max_body_bytes,

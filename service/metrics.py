@@ -61,8 +61,9 @@ class Metrics:
                                       ["model"], registry=r)
         self.oom_splits = Counter("taming_oom_splits", "Batches split after out-of-memory.",
                                   ["operation", "model"], registry=r)
+        # the name predates the glossary (a slot is room for a guided image); dashboards read it
         self.slots_active = Gauge("taming_slots_active",
-                                  "Images sampling in the generation engine's slots now.",
+                                  "Images sampling now: in the lanes' rows, and canvases.",
                                   ["model"], registry=r)
         self.step_duration = Histogram(
             "taming_step_duration_seconds", "Time one generation step took, by padded size.",

@@ -154,8 +154,7 @@ class RequestMiddleware:
         inference = endpoint in INFERENCE
         if inference:
             self.metrics.in_flight.inc()
-            self.arrivals.n += 1  # until the handler queues it (state.Service.run)
-            ctx["arriving"] = True
+            self.arrivals.arrive(ctx)  # until the handler queues it (state.Service.run)
         try:
             length = parse_length(lengths[0]) if len(lengths) == 1 else None
             if lengths and length is None:
@@ -192,8 +191,7 @@ class RequestMiddleware:
         finally:
             if inference:
                 self.metrics.in_flight.dec()
-                if ctx.pop("arriving", False):
-                    self.arrivals.n -= 1
+                self.arrivals.settle(ctx)
             elapsed = time.perf_counter() - t0
             model, status = ctx["model"], state["status"]
             if status != 500 and (state["gone"] or (state["started"] and not state["complete"])):

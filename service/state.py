@@ -23,7 +23,7 @@ from .engine.batch_runners import runners_for
 from .engine.batches import Arrivals, BatchPolicy, Collector
 from .engine.jobs import GenerateJob, GeneratePayload
 from .engine.lanes import GenerationEngine, lane_count
-from .errors import ServiceError
+from .errors import RETRY_AFTER, ServiceError
 from .metrics import Metrics
 from .middleware import LOG_KEY
 from .registry import ModelEntry, load_models, warm_up
@@ -116,7 +116,7 @@ class Service:
             await self.collector.call(warm_up, entry)
             if not entry.can_generate:
                 continue
-            gen = GenerationEngine(
+            gen = GenerationEngine.for_model(
                 name, entry.bundle.gpt, self.metrics, slots=entry.slots or s.generate_slots,
                 lanes=lane_count(device, budget), compile=s.compile, compile_deadline=deadline,
                 admission=self.admission, decode=entry.tokenizer.decode_pixels,
@@ -154,6 +154,13 @@ class Service:
             self.io.shutdown(wait=True)
 
     # ---- request helpers -------------------------------------------------------------------
+    def check_ready(self) -> None:
+        """503 while the models load or the server drains (/readyz and the protocols' own)."""
+        if self.draining:
+            raise ServiceError(503, "draining", "the server is shutting down", RETRY_AFTER)
+        if not self.ready:
+            raise ServiceError(503, "not_ready", "models are still loading", RETRY_AFTER)
+
     def model(self, name: str | None, request: Request | None = None) -> ModelEntry:
         """Look a name up in the loaded registry (never on disk); 404 when unknown."""
         entry = self.models.get(self.default_model if name is None else name)
@@ -184,18 +191,13 @@ class Service:
         began = self.drain_started
         return began is not None and ctx.get("t0", float("inf")) < began
 
-    @staticmethod
-    def _arrived(ctx: dict, arrivals: Arrivals) -> None:
-        if ctx.pop("arriving", False):
-            arrivals.n -= 1
-
     async def run(self, request: Request, entry: ModelEntry, operation: str, shape: Any,
                   payload: Any, size: int) -> dict[str, np.ndarray]:
         """Queue work for the collector, wait for its batch, note timings for the access log."""
         ctx = request.scope.get(LOG_KEY, {})
         ctx["images"] = size
         runner = self.runners[(entry.name, operation)]
-        self._arrived(ctx, self.arrivals)
+        self.arrivals.settle(ctx)
         job = self.collector.submit(runner, shape, payload, size, is_gone=request.is_disconnected,
                                     admitted=self._admitted(ctx), since=ctx.get("arrival"))
         try:
@@ -216,14 +218,14 @@ class Service:
         """Hand a request's images to its model's generation engine."""
         ctx = request.scope.get(LOG_KEY, {})
         ctx["images"] = payload.n
-        self._arrived(ctx, self.arrivals)
+        self.arrivals.settle(ctx)
         return self.generators[entry.name].submit(
             payload.n, payload.image, guided=payload.guided, grid=payload.grid,
             filtered=payload.filtered, on_row=on_row,
             admitted=self._admitted(ctx), since=ctx.get("arrival"))
 
     @staticmethod
-    def log_ticket(request: Request, job: GenerateJob) -> None:
+    def log_job(request: Request, job: GenerateJob) -> None:
         """The access log's batch_size (images beside it at its first step), queue_ms (until
         its first step) and compute_ms (sampling) for a /generate request."""
         ctx = request.scope.get(LOG_KEY, {})

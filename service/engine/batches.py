@@ -110,12 +110,23 @@ class _Queue:
 
 class Arrivals:
     """Inference requests received but not yet queued: a filling batch waits for them (up to
-    max_wait), and closes at once when none is on its way, so a lone client never waits."""
+    max_wait), and closes at once when none is on its way, so a lone client never waits.
+    A request is counted from `arrive` (the request layer) to its first `settle` (queued, or
+    answered without being queued); its context dict remembers which."""
 
     __slots__ = ("n",)
+    KEY = "arriving"
 
     def __init__(self) -> None:
         self.n = 0
+
+    def arrive(self, ctx: dict) -> None:
+        self.n += 1
+        ctx[self.KEY] = True
+
+    def settle(self, ctx: dict) -> None:
+        if ctx.pop(self.KEY, False):
+            self.n -= 1
 
 
 class Collector:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.sampling import SamplingBatch, make_batch
+from models.sampling import SamplingBatch, build_batch
 
 
 @dataclass
@@ -24,16 +24,17 @@ class GeneratePayload:
     """One /generate request's sampling settings, checked by the handler; the rows are built
     where they run (a lane, or the collector's thread), off the event loop."""
 
-    settings: dict  # make_batch keyword arguments (label, temperature, ..., prefix)
+    settings: dict  # make_batch keyword arguments (label, temperature, ..., prefix), checked
     seed: int  # image i uses seed + i
     n: int
     grid: tuple[int, int]
     model_cfg: Any  # the GPT's config
+    stepped: bool = True  # the generation engine samples it (else the collector's sampler)
 
     def image(self, i: int) -> SamplingBatch:
         """Image i's row, from its own generator: the same tokens alone or in any batch."""
         g = torch.Generator().manual_seed(self.seed + i)
-        return make_batch(self.model_cfg, 1, self.grid, generator=g, **self.settings)
+        return build_batch(self.model_cfg, 1, self.grid, generator=g, **self.settings)
 
     @property
     def guided(self) -> bool:

@@ -168,18 +168,18 @@ class Lane:
         s = self.scheduler
         gone = s.cancelled()
         freed = s.release(gone) if gone else []
+        changed = bool(gone)  # the active count the metric shows
         if self.canvas is not None and self.canvas.job.cancelled:
             self.canvas = self.sampler = None
-            gone.append(None)
-        if gone:
+            changed = True
+        if changed:
             self.engine.count_active()
-        self.taken = []
         taken = self.engine.take(len(s.free), want_canvas=self.canvas is None,
                                  idle=not s.active and self.canvas is None)
+        joined, canvas = taken if taken is not None else ([], None)
+        self.taken = [*joined, *([canvas] if canvas is not None else [])]
         if taken is None:
             return None
-        joined, canvas = taken
-        self.taken = [*joined, *([canvas] if canvas is not None else [])]
         for im in joined:
             if not s.seat(im):
                 raise AssertionError("the engine took more images than the lane has rows for")
@@ -284,11 +284,13 @@ class Lane:
 class GenerationEngine:
     """Continuous batching for one transformer: lanes of rows over one queue of images."""
 
-    def __init__(self, name: str, gpt: GPT, metrics: Metrics, *, slots: int, lanes: int,
-                 compile: bool, admission: Admission,
-                 compile_deadline: float = float("inf"),
-                 decode: Callable[[torch.Tensor], torch.Tensor],
-                 on_thread: Callable[[], None] | None = None) -> None:
+    def __init__(self, name: str, runners: list[StepRunner], metrics: Metrics, *,
+                 admission: Admission, decode: Callable[[torch.Tensor], torch.Tensor],
+                 compile: bool = False, compile_deadline: float = float("inf"),
+                 on_thread: Callable[[], None] | None = None,
+                 canvas_runner: CanvasRunner | None = None, patches: Patches | None = None
+                 ) -> None:
+        """One lane per runner; without a `canvas_runner` the engine takes no canvases."""
         self.name = name
         self.decode = decode  # int64 grids (B, rows, cols) on the model's device -> uint8 images
         self.metrics = metrics
@@ -296,20 +298,28 @@ class GenerationEngine:
         self.compile_deadline = compile_deadline  # time.monotonic(): later sizes stay eager
         self.admission = admission
         self.on_thread = on_thread
-        rows = 2 * slots  # a guided image holds two rows
-        per_lane = max(2, -(-rows // lanes))
-        self.patches = Patches(gpt, decode)  # previews of streamed rows
-        self.canvas_runner = CanvasRunner(name, gpt, metrics)
-        self.lanes = [Lane(self, i, StepRunner(name, gpt, per_lane, metrics))
-                      for i in range(lanes)]
+        self.patches = patches  # previews of streamed rows
+        self.canvas_runner = canvas_runner
+        self.lanes = [Lane(self, i, runner) for i, runner in enumerate(runners)]
+        self.grid = tuple(runners[0].grid)
         self._lock = threading.Condition()
         self._waiting: deque[Image] = deque()
         self._canvases: deque[Image] = deque()  # canvases waiting for a lane
-        self.grid = tuple(gpt.config.grid)
         self._stopping = False
         self._ready = 0
         self._started: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def for_model(cls, name: str, gpt: GPT, metrics: Metrics, *, slots: int, lanes: int,
+                  decode: Callable[[torch.Tensor], torch.Tensor], **options: Any
+                  ) -> GenerationEngine:
+        """The engine of one transformer: `lanes` step runners sharing `slots` guided images
+        (two rows each), its canvases and its previews."""
+        per_lane = max(2, -(-2 * slots // lanes))
+        return cls(name, [StepRunner(name, gpt, per_lane, metrics) for _ in range(lanes)],
+                   metrics, decode=decode, canvas_runner=CanvasRunner(name, gpt, metrics),
+                   patches=Patches(gpt, decode), **options)
 
     # ---- life cycle (event loop) -----------------------------------------------------------
     async def start(self) -> None:
@@ -337,6 +347,8 @@ class GenerationEngine:
         """Queue one request of n images; `image(i)` builds image i's seeded row. A grid
         beyond the model's makes each image a canvas (relative models only). `since`: when
         the request arrived (loop.time(); default now), which its deadline counts from."""
+        if tuple(grid) != self.grid and self.canvas_runner is None:
+            raise ValueError(f"{self.name}: this engine samples {self.grid} grids only")
         self.admission.admit(n, admitted, closing=self._stopping)
         loop = self._loop
         self.admission.check_time(loop, since)

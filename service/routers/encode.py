@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ..deps import service_of
 from ..errors import ServiceError, invalid
-from ..imaging import MEDIA_TYPES, header_pixels, prepare
+from ..imaging import MEDIA_TYPES
+from ..inference import encode_uploads
 from ..responses import encode_json
 from ..schemas import MAX_NAME, EncodeResponse
 from . import errors
-
-router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 REQUEST_BODY = {"requestBody": {"required": True, "description": (
@@ -68,9 +66,12 @@ def model_param(request: Request) -> str | None:
     return name
 
 
-@router.post("/encode", summary="Tokenize images",
-             openapi_extra={**REQUEST_BODY, "parameters": [MODEL_PARAM]},
-             response_model=EncodeResponse, responses=errors(401, 404, 413, 415, 422, 503, 504))
+# how /docs shows the route (service.app.INFERENCE_ROUTES serves it)
+DOCS = {"summary": "Tokenize images", "response_model": EncodeResponse,
+        "openapi_extra": {**REQUEST_BODY, "parameters": [MODEL_PARAM]},
+        "responses": errors(401, 404, 413, 415, 422, 503, 504)}
+
+
 async def encode(request: Request) -> Response:
     svc = service_of(request)
     entry = svc.model(model_param(request), request)
@@ -78,12 +79,3 @@ async def encode(request: Request) -> Response:
     blobs = await _read_uploads(request, svc.settings.max_images)
     tokens = await encode_uploads(request, svc, entry, blobs)
     return Response(encode_json(entry.name, tokens), media_type="application/json")
-
-
-async def encode_uploads(request: Request, svc, entry, blobs: list[bytes]) -> np.ndarray:
-    """Image files -> token grids (N, rows, cols): the upload policy, then the tokenizer's
-    batches (this route and /v1/images/variations)."""
-    x = await svc.offload(prepare, blobs, entry.channels, entry.image_size,
-                          svc.settings.max_image_pixels, pixels=header_pixels(blobs))
-    out = await svc.run(request, entry, "encode", None, x, len(blobs))
-    return out["tokens"]

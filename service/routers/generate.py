@@ -4,30 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from functools import partial
 
-import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
-
-from models.sampling import FREE, check_settings
 
 from .. import edits
 from ..deps import json_body, service_of
 from ..engine.jobs import GeneratePayload
 from ..errors import ServiceError, describe_validation, invalid
 from ..imaging import header_pixels
+from ..inference import admit, count_sampled, generator, keep_cells, sample_images, settings_of
 from ..openapi import body_schema
 from ..registry import ModelEntry
 from ..responses import b64png, dumps, generate_json, images_response, sse_event, wants_stream
 from ..schemas import GenerateRequest, GenerateResponse
 from . import PNG_CONTENT, errors
-
-router = APIRouter(tags=["inference"])  # create_app adds the API-key check
 
 EXAMPLES = {
     "digit": {"summary": "Four sevens, seeded",
@@ -70,34 +65,24 @@ def _request_body() -> dict:
     return extra
 
 
-def flat_prefix(prefix: list | None, cols: int) -> list[int] | None:
-    """A flat list, or rows of `cols` ids (the last may be partial) -> raster-order ids."""
-    if not prefix:
-        return None
-    if not isinstance(prefix[0], list):
-        return prefix
-    for i, row in enumerate(prefix):
-        if len(row) > cols or (len(row) != cols and i != len(prefix) - 1):
-            raise invalid(f"prefix row {i} has {len(row)} ids; rows must have {cols} "
-                          "(only the last may be shorter)")
-    return [t for row in prefix for t in row]
-
-
 SSE_CONTENT = {"text/event-stream": {"schema": {"type": "string"}, "example": (
     'event: row\ndata: {"image": 0, "row": 0, "tokens": [...], "png": "..."}\n\n'
     '...\n\nevent: done\ndata: {"model": "mnist", "seed": 1234, "images": [...]}\n\n')}}
 
 
-@router.post(
-    "/generate", summary="Sample images (PNG, JSON with tokens, or streamed rows)",
-    openapi_extra=_request_body(),
-    responses={200: {"model": GenerateResponse, "content": {**PNG_CONTENT, **SSE_CONTENT},
-                     "description": (
+# how /docs shows the route (service.app.INFERENCE_ROUTES serves it)
+DOCS = {
+    "summary": "Sample images (PNG, JSON with tokens, or streamed rows)",
+    "openapi_extra": _request_body(),
+    "responses": {200: {"model": GenerateResponse, "content": {**PNG_CONTENT, **SSE_CONTENT},
+                        "description": (
         "image/png (one image, or a tiled grid for n > 1) with X-Seed and X-Model headers; "
         "application/json when the Accept header asks for it; with Accept: "
         "text/event-stream, an event `row` per completed token row of an image (its tokens "
         "and a PNG preview), then `done` with the JSON answer (or `error`).")},
-               **errors(401, 404, 413, 415, 422, 503, 504)})
+        **errors(401, 404, 413, 415, 422, 503, 504)}}
+
+
 async def generate(request: Request) -> Response:
     svc = service_of(request)
     if _media(request) == "multipart/form-data":
@@ -110,25 +95,12 @@ async def generate(request: Request) -> Response:
     else:
         entry, payload = admit(svc, request, req)
     headers = {"X-Seed": str(payload.seed), "X-Model": entry.name}
-    if svc.can_step(entry, payload.grid) and wants_stream(request):
+    if payload.stepped and wants_stream(request):
         return await stream(request, svc, entry, payload, headers)
     tokens, images = await sample_images(request, svc, entry, payload)
     return await images_response(
         request, svc, images, headers,
         partial(generate_json, entry.name, payload.seed, tokens=tokens, grid=payload.grid))
-
-
-def admit(svc, request: Request, req: GenerateRequest, cells: np.ndarray | None = None
-          ) -> tuple[ModelEntry, GeneratePayload]:
-    """The model, room in its queue and checked settings: every way into generation (this
-    route, /v1/images and /v2 infer) passes here. `cells`: every cell of the grid, a code to
-    keep or FREE (an edit)."""
-    entry = svc.model(req.model, request)
-    if not entry.can_generate:
-        raise invalid(f"model {entry.name!r} has no trained transformer; it can only "
-                      "/encode and /decode", "generator_unavailable")
-    svc.check_room(entry, "generate", req.n)
-    return entry, _payload(svc, entry, req, cells)
 
 
 # ---- edits: a source image or grid, a mask, a larger canvas -----------------------------------
@@ -159,7 +131,7 @@ async def admit_edit(svc, request: Request, req: GenerateRequest, files: dict[st
     if req.prefix is not None:
         raise invalid("prefix and an edited source exclude each other (the source's kept "
                       "cells are the prefix)")
-    entry, _ = admit(svc, request, req.model_copy(update={"grid": None}))  # settings, room
+    entry = generator(svc, request, req.model, req.n)
     mask = files.get("mask", req.mask)
     if isinstance(mask, str):
         mask = edits.b64_bytes(mask, "mask")
@@ -167,18 +139,18 @@ async def admit_edit(svc, request: Request, req: GenerateRequest, files: dict[st
     if req.tokens is not None:
         tokens = edits.token_grid(req.tokens, entry)
         grid, offset = edits.place(entry, tokens.shape, req.grid, req.offset)
-        _payload(svc, entry, req.model_copy(update={"grid": list(grid)}))  # canvas limits
+        payload = settings_of(svc, entry, req.model_copy(update={"grid": list(grid)}))
         cells = await svc.offload(edits.token_mask, entry, tokens, mask, limit, pixels=(
             header_pixels([mask]) if isinstance(mask, bytes) else 0))
     else:
         blob = files.get("image") or edits.b64_bytes(req.image, "image")
         pixels, own = await edits.decode_image(svc, entry, blob)
         grid, offset = edits.place(entry, edits.cells_of(entry, pixels), req.grid, req.offset)
-        _payload(svc, entry, req.model_copy(update={"grid": list(grid)}))  # canvas limits
+        payload = settings_of(svc, entry, req.model_copy(update={"grid": list(grid)}))
         cells = await edits.image_mask(svc, entry, mask, own, pixels)
         tokens = await edits.encode_pixels(request, svc, entry, pixels)
-    source = edits.Source(tokens, cells, grid, offset)
-    return admit(svc, request, req.model_copy(update={"grid": list(grid)}), source.cells())
+    keep_cells(payload, edits.Source(tokens, cells, grid, offset).cells())
+    return entry, payload
 
 
 async def form_body(request: Request) -> tuple[GenerateRequest, dict[str, bytes]]:
@@ -226,95 +198,6 @@ def _form_value(key: str, text: str):
         return text
 
 
-async def sample_images(request: Request, svc, entry: ModelEntry, payload: GeneratePayload
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens (n, T) and images (n, H, W, C) of an admitted request."""
-    if svc.can_step(entry, payload.grid):
-        tokens, images = await _sampled(request, svc, entry, payload)
-    else:  # an absolute model's wider grid: the paper's sampler in the collector's lane
-        out = await svc.run(request, entry, "generate", payload.grid, payload, payload.n)
-        tokens, images = out["tokens"], out["images"]
-    _count(svc, entry, payload)
-    return tokens, images
-
-
-def _payload(svc, entry, req: GenerateRequest, cells: np.ndarray | None = None
-             ) -> GeneratePayload:
-    """Validate the sampling settings against the model; image 0's row is built here."""
-    mr, mc = entry.grid
-    grid = (mr, mc)
-    if req.grid is not None:
-        r, c = req.grid
-        if r < mr or c < mc:
-            raise invalid(f"grid [{r}, {c}] is smaller than the model's grid [{mr}, {mc}]")
-        limit = entry.max_grid
-        if r > limit[0] or c > limit[1]:
-            raise invalid(f"grid [{r}, {c}] exceeds the maximum [{limit[0]}, {limit[1]}] of "
-                          f"model {entry.name!r}")
-        grid = (r, c)
-    d = entry.defaults
-    settings = {
-        "label": None,
-        "temperature": d["temperature"] if req.temperature is None else req.temperature,
-        "top_k": d["top_k"] if req.top_k is None else req.top_k,
-        "top_p": d["top_p"] if req.top_p is None else req.top_p,
-        "cfg_scale": d["cfg_scale"] if req.cfg_scale is None else req.cfg_scale,
-        "prefix": flat_prefix(req.prefix, grid[1]),
-    }
-    if cells is not None:
-        settings["cells"] = cells
-    cfg = entry.bundle.gpt.config
-    if settings["cfg_scale"] != 1 and not cfg.guidance:
-        raise invalid(f"guidance (cfg_scale {settings['cfg_scale']:g}) is not available on model "
-                      f"{entry.name!r}: it was trained without a null class, so there is no "
-                      "unconditional prediction to guide from; use cfg_scale 1",
-                      "guidance_unavailable")
-    if req.label is None and not cfg.unconditional:
-        raise invalid(f"model {entry.name!r} is class-conditional and was never trained "
-                      "without a class: name one (label, 0.."
-                      f"{cfg.n_classes - 1} or a class name)")
-    if grid != (mr, mc) and entry.canvases and settings["cfg_scale"] != 1:
-        raise invalid(f"guidance (cfg_scale {settings['cfg_scale']:g}) is not available on "
-                      f"canvases; grids beyond [{mr}, {mc}] sample with cfg_scale 1")
-    try:
-        if req.label is not None:
-            settings["label"] = entry.class_index(req.label)
-        check_settings(cfg, req.n, grid, **settings)
-    except ValueError as e:
-        raise invalid(str(e)) from e
-    seed = secrets.randbelow(2**31) if req.seed is None else req.seed
-    return GeneratePayload(settings, seed, req.n, grid, cfg)
-
-
-def _count(svc, entry, payload: GeneratePayload) -> None:
-    m = svc.metrics
-    m.images_generated.labels(entry.name).inc(payload.n)
-    cells = payload.settings.get("cells")  # an edit samples only its FREE cells
-    per_image = payload.grid[0] * payload.grid[1] if cells is None else int((cells == FREE).sum())
-    m.tokens_sampled.labels(entry.name).inc(payload.n * per_image)
-
-
-async def _sampled(request: Request, svc, entry, payload: GeneratePayload
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens (n, T) and images from the generation engine; a client that leaves frees its
-    slots."""
-    job = svc.sample(request, entry, payload)
-    watch = asyncio.ensure_future(_disconnected(request))
-    watch.add_done_callback(lambda w: w.cancelled() or svc.cancel(entry, job, "client_gone"))
-    try:
-        return await job.future, job.images
-    finally:
-        watch.cancel()
-        svc.cancel(entry, job, "client_gone")  # a cancelled handler: its rows leave too
-        svc.log_ticket(request, job)
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body was read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 # ---- Server-Sent Events ------------------------------------------------------------------
 async def stream(request: Request, svc, entry, payload: GeneratePayload,
                  headers: dict) -> Response:
@@ -360,7 +243,7 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
                     event["top"] = r * preview.shape[0]
                 yield sse_event("row", dumps(event))
             tokens, images = done.result(), job.images
-            _count(svc, entry, payload)
+            count_sampled(svc, entry, payload)
             body = await svc.offload(partial(generate_json, entry.name, payload.seed,
                                              tokens=tokens, grid=grid), images,
                                      pixels=images.size)
@@ -373,7 +256,7 @@ async def stream(request: Request, svc, entry, payload: GeneratePayload,
             if not finished:
                 svc.cancel(entry, job, "client_gone")
             done.cancel()
-            svc.log_ticket(request, job)
+            svc.log_job(request, job)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache",

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from ..deps import require_metrics_key, service_of
-from ..errors import RETRY_AFTER, error_response
+from ..errors import ServiceError, error_response
 from ..schemas import ErrorBody, Health, Ready
 
 router = APIRouter(tags=["operations"])
@@ -25,12 +25,10 @@ async def healthz() -> Response:
             responses={503: {"model": ErrorBody, "description": "Starting or draining."}})
 async def readyz(request: Request) -> Response:
     svc = service_of(request)
-    if svc.draining:
-        return error_response(503, "draining", "the server is shutting down",
-                              RETRY_AFTER)
-    if not svc.ready:
-        return error_response(503, "not_ready", "models are still loading",
-                              RETRY_AFTER)
+    try:
+        svc.check_ready()
+    except ServiceError as e:
+        return error_response(e.status, e.code, e.message, e.headers)
     return Response(json.dumps({"status": "ready", "models": list(svc.models)}).encode(),
                     media_type="application/json")
 

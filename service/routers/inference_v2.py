@@ -1,12 +1,12 @@
 """The Open Inference Protocol (KServe v2) under /v2, for tritonclient, perf_analyzer and
 KServe: three models per checkpoint, `<model>-generate`, `<model>-encode` and `<model>-decode`.
 
-Thin adapters: generate rows go through the same `admit` and `sample_images` as POST
-/generate (rows of one label and consecutive seeds are one request there: row i of SEED s
-gives /generate's pixels for seed s), encode and decode through the same collector batches
-as POST /encode and /decode. Tensors come as JSON or in the binary tensor data extension
-(tritonclient's default); outputs go back the way each asks. Errors are the protocol's
-`{"error": "<message>"}`; the native API's 422s are 400s here.
+Thin adapters over service/inference.py: generate rows go through the same `settings_of` and
+`sample_images` as POST /generate (rows of one label and consecutive seeds are one request
+there: row i of SEED s gives /generate's pixels for seed s), encode and decode through the
+same collector batches as POST /encode and /decode. Tensors come as JSON or in the binary
+tensor data extension (tritonclient's default); outputs go back the way each asks. Errors are
+the protocol's `{"error": "<message>"}`; the native API's 422s are 400s here.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..deps import service_of
-from ..errors import RETRY_AFTER, ServiceError, v2_error
+from ..errors import ServiceError, v2_error
+from ..inference import check_grids, sample_images, settings_of
 from ..lengths import parse_length
 from ..registry import ModelEntry
 from ..schemas import MAX_NAME, MAX_SEED, GenerateRequest
-from .decode import check_grids
-from .generate import admit, sample_images
 from .protocol_route import ProtocolError, error_responses, protocol_route
 
 OPERATIONS = ("generate", "encode", "decode")
@@ -188,7 +187,7 @@ async def server_live() -> Response:
 @health_router.get("/health/ready", summary="KServe v2: readiness (models loaded, warmed up)",
                    response_model=Ready, responses=error_responses(V2Error, 503))
 async def server_ready(request: Request) -> Response:
-    _check_ready(service_of(request))
+    service_of(request).check_ready()
     return _json({"ready": True})
 
 
@@ -214,7 +213,7 @@ async def model_configuration(request: Request, name: str = NAME) -> Response:
             response_model=Ready, responses=error_responses(V2Error, 400, 401, 404, 503))
 async def model_ready(request: Request, name: str = NAME) -> Response:
     entry, op = _model(request, name)
-    _check_ready(service_of(request))
+    service_of(request).check_ready()
     return _json({"name": f"{entry.name}-{op}", "ready": True})
 
 
@@ -259,13 +258,6 @@ async def infer(request: Request, name: str = NAME) -> Response:
 def _json(obj: dict) -> Response:
     return Response(json.dumps(obj, separators=(",", ":")).encode(),
                     media_type="application/json")
-
-
-def _check_ready(svc) -> None:
-    if svc.draining:
-        raise ServiceError(503, "draining", "the server is shutting down", RETRY_AFTER)
-    if not svc.ready:
-        raise ServiceError(503, "not_ready", "models are still loading", RETRY_AFTER)
 
 
 def _model(request: Request, name: str) -> tuple[ModelEntry, str]:
@@ -385,8 +377,8 @@ async def _generate(request: Request, svc, entry: ModelEntry, inputs: dict[str, 
             runs.append((i, i + 1))
     requests = [first.model_copy(update={"model": entry.name, "n": hi - lo, "seed": seeds[lo],
                                          "label": labels[lo]}) for lo, hi in runs]
-    admitted = [admit(svc, request, r) for r in requests]  # all checked before any runs
-    tasks = [asyncio.ensure_future(sample_images(request, svc, e, p)) for e, p in admitted]
+    payloads = [settings_of(svc, entry, r) for r in requests]  # all checked before any runs
+    tasks = [asyncio.ensure_future(sample_images(request, svc, entry, p)) for p in payloads]
     try:
         results = await asyncio.gather(*tasks)
     finally:
@@ -394,7 +386,7 @@ async def _generate(request: Request, svc, entry: ModelEntry, inputs: dict[str, 
             t.cancel()
     tokens = np.concatenate([t for t, _ in results])
     images = np.concatenate([im for _, im in results])
-    grid = admitted[0][1].grid
+    grid = payloads[0].grid
     return seeds[0], {"IMAGE": images, "TOKENS": tokens.reshape(len(tokens), *grid)}
 
 

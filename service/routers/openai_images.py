@@ -1,10 +1,10 @@
 """The OpenAI Images API under /v1, for the `openai` client and the tools built on it.
 
-Thin adapters: a generation is a `GenerateRequest` handed to the same `admit` and
-`sample_images` as POST /generate, a variation the same `encode_uploads` as POST /encode and
-then a generation whose prefix is the first share of the image's tokens. So the same
-admission, batching, limits, deadlines, metrics and access log apply, and the same seed and
-class give the same pixels as /generate. Errors here have OpenAI's shape,
+Thin adapters over service/inference.py: a generation is a `GenerateRequest` checked by the
+same `settings_of` and sampled by the same `sample_images` as POST /generate, a variation the
+same `encode_uploads` as POST /encode and then a generation whose prefix is the first share
+of the image's tokens. So the same admission, batching, limits, deadlines, metrics and access
+log apply, and the same seed and class give the same pixels as /generate. Errors here have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`; 422s of the native API are 400s here, the
 status OpenAI's clients raise `BadRequestError` for.
 """
@@ -24,14 +24,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .. import edits
-from ..deps import service_of
+from ..deps import NOT_JSON, service_of
+from ..engine.jobs import GeneratePayload
 from ..errors import CODES, ServiceError, openai_error
 from ..imaging import header_pixels
+from ..inference import (
+    encode_uploads,
+    generator,
+    keep_cells,
+    keep_prefix,
+    sample_images,
+    settings_of,
+)
 from ..registry import ModelEntry
 from ..responses import b64png, dumps
 from ..schemas import MAX_NAME, GenerateRequest
-from .encode import encode_uploads
-from .generate import admit, sample_images
 from .protocol_route import ProtocolError, error_responses, protocol_route
 
 STARTED = int(time.time())  # `created` of every model: when this server process started
@@ -141,7 +148,7 @@ async def create_image(request: Request) -> Response:
     svc = service_of(request)
     fields = await _json_fields(request)
     req, entry, size = _generate_request(svc, request, fields)
-    return await _images(request, svc, req, size)
+    return await _images(request, svc, entry, settings_of(svc, entry, req), size)
 
 
 @router.post("/images/variations", summary="OpenAI: variations of an uploaded image",
@@ -154,11 +161,11 @@ async def create_variation(request: Request) -> Response:
     if req.grid is not None:
         raise ProtocolError(400, "invalid_request", "variations are made at the model's size "
                             f"{size}", "size")
-    admit(svc, request, req)  # the model generates, its settings hold, its queue has room
+    payload = settings_of(svc, entry, req)  # before the upload is encoded
     svc.check_room(entry, "encode")
     tokens = (await encode_uploads(request, svc, entry, [blob]))[0].reshape(-1)
-    prefix = tokens[:int(keep * tokens.size)].tolist()
-    return await _images(request, svc, req.model_copy(update={"prefix": prefix or None}), size)
+    keep_prefix(payload, tokens[:int(keep * tokens.size)].tolist())
+    return await _images(request, svc, entry, payload, size)
 
 
 # ---- edits: inpainting and outpainting (service/edits.py) -------------------------------------
@@ -193,7 +200,6 @@ async def create_edit(request: Request) -> Response:
     if mask is not None and not isinstance(mask, bytes):
         raise ProtocolError(400, "invalid_request", "mask must be an image file", "mask")
     req, entry, _ = _generate_request(svc, request, {**fields, "prompt": fields.get("prompt", "")})
-    admit(svc, request, req)  # the model generates, its settings hold, its queue has room
     limit = svc.settings.max_image_pixels
     with _param_of_errors():
         if mask is not None and not await svc.offload(edits.alpha_checked, mask, limit, "mask",
@@ -209,12 +215,11 @@ async def create_edit(request: Request) -> Response:
         raise ProtocolError(400, "invalid_request", "nothing to edit: send a mask with "
                             "transparent pixels, an image with transparent pixels, or a larger "
                             "size to extend it", "mask")
-    req = req.model_copy(update={"grid": list(grid)})
-    admit(svc, request, req)  # the canvas's limits, before the image is encoded
-    tokens = await edits.encode_pixels(request, svc, entry, pixels)
-    cells = edits.Source(tokens, cells, grid, offset).cells()
+    payload = settings_of(svc, entry, req.model_copy(update={"grid": list(grid)}))
+    tokens = await edits.encode_pixels(request, svc, entry, pixels)  # checked: now encode
+    keep_cells(payload, edits.Source(tokens, cells, grid, offset).cells())
     f = entry.image_size[0] // entry.grid[0]
-    return await _images(request, svc, req, f"{grid[1] * f}x{grid[0] * f}", cells)
+    return await _images(request, svc, entry, payload, f"{grid[1] * f}x{grid[0] * f}")
 
 
 class _param_of_errors:
@@ -281,8 +286,7 @@ def _model(entry: ModelEntry) -> dict:
 async def _json_fields(request: Request) -> dict:
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
-        raise ServiceError(415, CODES[415], "send the body as JSON, with Content-Type: "
-                           "application/json")
+        raise ServiceError(415, CODES[415], NOT_JSON)
     try:
         fields = json.loads(await request.body())
     except (ValueError, RecursionError):
@@ -364,7 +368,7 @@ def _generate_request(svc, request: Request, fields: dict
         raise ProtocolError(400, "unsupported_response_format", (
             f"response_format {fmt!r} is not supported: this server stores no images, so it "
             "has no URLs; use b64_json"), "response_format")
-    entry = svc.model(req.model, request)
+    entry = generator(svc, request, req.model, req.n)
     label = _label(entry, fields.get("prompt", ""))
     h, w = entry.image_size
     size = fields.get("size")
@@ -418,9 +422,8 @@ def _grid(svc, entry: ModelEntry, size) -> list[int] | None:
     return [height // ds_h, width // ds_w]
 
 
-async def _images(request: Request, svc, req: GenerateRequest, size: str,
-                  cells: np.ndarray | None = None) -> Response:
-    entry, payload = admit(svc, request, req, cells)
+async def _images(request: Request, svc, entry: ModelEntry, payload: GeneratePayload,
+                  size: str) -> Response:
     _, images = await sample_images(request, svc, entry, payload)
     body = await svc.offload(_images_json, images, payload.seed, size, pixels=images.size)
     return Response(body, media_type="application/json",

@@ -24,6 +24,7 @@ from service_helpers import (
 
 from service.app import create_app
 
+JSON = {"Accept": "application/json"}
 EXTRA = [str(tiny_root() / "rgb"), str(tiny_root() / "tokenizer-only")]
 
 
@@ -146,9 +147,22 @@ def test_generate_greedy_top_k_1_ignores_the_seed(client):
 
 
 def test_generate_sampling_settings_and_guidance(client):
-    r = client.post("/generate", json={"seed": 3, "label": 1, "temperature": 0.7, "top_k": 8,
-                                       "top_p": 0.9, "cfg_scale": 2.0, "n": 2})
-    assert r.status_code == 200, r.text
+    """Every setting at once is taken, reproducibly, and each one changes what is sampled."""
+    body = {"seed": 3, "label": 1, "temperature": 0.7, "top_k": 8, "top_p": 0.9,
+            "cfg_scale": 2.0, "n": 2}
+
+    def tokens(**change) -> list:
+        r = client.post("/generate", json={**body, **change}, headers=JSON)
+        assert r.status_code == 200, r.text
+        assert r.json()["seed"] == 3
+        return [im["tokens"] for im in r.json()["images"]]
+
+    first = tokens()
+    assert len(first) == 2 and first[0] != first[1]  # image i samples with seed + i
+    assert tokens() == first
+    for change in ({"cfg_scale": 1.0}, {"temperature": 1.3, "top_k": None, "top_p": 1.0},
+                   {"label": 2}):
+        assert tokens(**change) != first, change
 
 
 def test_generate_wider_grid_slides_the_window(client, info):
@@ -245,6 +259,11 @@ def test_encode_cmyk_jpeg(client):
     Image.fromarray(_digit()).convert("CMYK").save(buf, format="JPEG")
     r = client.post("/encode", content=buf.getvalue(), headers={"content-type": "image/jpeg"})
     assert r.status_code == 200, r.text
+    buf = io.BytesIO()
+    Image.fromarray(_digit()).save(buf, format="JPEG")  # the same JPEG, in gray
+    own = client.post("/encode", content=buf.getvalue(), headers={"content-type": "image/jpeg"})
+    cmyk, gray = np.array(r.json()["tokens"]), np.array(own.json()["tokens"])
+    assert cmyk.shape == (1, 7, 7) and (cmyk == gray).all()  # CMYK read as the same gray
 
 
 def test_decode_png_json_and_several_grids(client, info):
@@ -311,6 +330,9 @@ def test_docs_examples_work(client):
                 continue
             r = client.post(path, json=value)
             assert r.status_code == 200, (path, name, r.text)
+            assert r.headers["content-type"] == "image/png" and png_array(r.content).size
+            if "seed" in value:
+                assert r.headers["x-seed"] == str(value["seed"]), (path, name)
 
 
 DESIGN_FAMILIES = ["taming_requests_total", "taming_request_duration_seconds_bucket",

@@ -1,12 +1,10 @@
 """The training CLI end to end on small real slices (fast: tiny models, a few hundred images)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from training_helpers import run_training as run
 
 from models.checkpoint import load_bundle
 from models.sampling import make_batch
@@ -14,15 +12,6 @@ from models.slots import sample
 
 TINY_VQ = ["--widths", "8,16,16", "--codebook-size", "16", "--code-dim", "4", "--batch-size", "64"]
 TINY_GPT = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--batch-size", "64"]
-
-
-def run(root, *args, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "training", *args]
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "training", *args]
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow

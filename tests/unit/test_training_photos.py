@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from service_helpers import png_array, settings
-from test_training_cli import run
+from training_helpers import run_training as run
 
 from service.app import create_app
 from training.photos import landscape_list

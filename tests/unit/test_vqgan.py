@@ -1,14 +1,12 @@
 """VQGAN training: its losses, resumable state, the CLI on a real slice, and the evaluation figures."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from training_helpers import run_training as run
 
 from models.checkpoint import load_bundle
 from training.classifier import Classifier, load_classifier, save_classifier
@@ -20,15 +18,6 @@ from training.vqgan import PatchDiscriminator, adaptive_weight, hinge_d_loss, hi
 
 TINY_VQ = ["--widths", "8,16,16", "--codebook-size", "16", "--code-dim", "4", "--batch-size", "64"]
 TINY_GAN = ["--loss", "vqgan", "--disc-start", "1", "--disc-width", "8", "--perceptual-epochs", "1"]
-
-
-def run(root, *args, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "training", *args]
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "training", *args]
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_patch_discriminator_scores_patches():
