@@ -11,8 +11,9 @@ shipped mnist model; /generate, /encode and /decode requests as in bench/serve.p
 each), each side measured alone (the other one stopped). Prints throughput and p50 per side
 and level, and the ratio. `--op canvas`: one landscapes canvas of `--canvas` tokens a side
 (128: 1024x1024 pixels) a round on each side, seeded alike: the time of each answer, and
-whether both sides drew the same PNG. `--rates`: then Poisson arrivals of one-image /generate requests at
-each rate (bench/generate.py's open loop, 3x the duration), mean and p99 latency per side.
+whether both sides drew the same PNG. `--rates`: then Poisson arrivals of one-image /generate
+requests at each rate (bench/generate.py's open loop, 3x the duration), mean and p99 latency
+per side.
 Not a test.
 """
 
@@ -84,9 +85,13 @@ async def main() -> None:
     finally:
         for p in sides.values():
             p.stop()
+    save(f"ab_{args.op}.json", out)
+
+
+def save(name: str, out: dict) -> None:
     dest = ROOT / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"ab_{args.op}.json").write_text(json.dumps(out, indent=1))
+    (dest / name).write_text(json.dumps(out, indent=1))
 
 
 async def canvas_ab(args) -> None:
@@ -121,9 +126,7 @@ async def canvas_ab(args) -> None:
            "same_png": same}
     print(f"canvas: median base {median['base']} s, this {median['this']} s, speed ratio "
           f"{out['this_over_base']}, same PNG every round: {all(same)}", flush=True)
-    dest = ROOT / "bench" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "ab_canvas.json").write_text(json.dumps(out, indent=1))
+    save("ab_canvas.json", out)
 
 
 def full_collections(p: Process) -> int:

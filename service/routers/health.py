@@ -8,7 +8,6 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from ..deps import require_metrics_key, service_of
-from ..errors import ServiceError, error_response
 from ..schemas import ErrorBody, Health, Ready
 
 router = APIRouter(tags=["operations"])
@@ -25,10 +24,7 @@ async def healthz() -> Response:
             responses={503: {"model": ErrorBody, "description": "Starting or draining."}})
 async def readyz(request: Request) -> Response:
     svc = service_of(request)
-    try:
-        svc.check_ready()
-    except ServiceError as e:
-        return error_response(e.status, e.code, e.message, e.headers)
+    svc.check_ready()  # a 503 in the native shape, by the app's ServiceError handler
     return Response(json.dumps({"status": "ready", "models": list(svc.models)}).encode(),
                     media_type="application/json")
 
